@@ -1,0 +1,569 @@
+"""EfficientViT M0-M5 (Microsoft): memory-efficient ViT with cascaded group attention.
+
+Liu et al., "EfficientViT: Memory Efficient Vision Transformer with Cascaded Group
+Attention", CVPR 2023, arXiv 2305.07027. Official code: microsoft/Cream, EfficientViT/.
+Not the MIT EfficientViT.
+
+Architecture, as in the official code:
+
+- patch embedding: four stride-2 3x3 Conv-BN (C/8, C/4, C/2, C channels) with ReLU between,
+  so the token grid is ``img_size / 16``;
+- three stages; stages 2 and 3 start with a downsampling block (DW conv + FFN residuals,
+  patch merging with squeeze-excite and a stride-2 DW conv, DW conv + FFN residuals), the
+  token grid going from R to ``(R - 1) // 2 + 1``;
+- each EfficientViT block is the sandwich: residual DW 3x3 conv -> residual FFN (ratio 2)
+  -> residual cascaded group attention in 7x7 windows -> residual DW conv -> residual FFN;
+- cascaded group attention: head i sees its channel split plus head i-1's output; its query
+  goes through a depthwise conv of kernel ``kernels[i]``; each head has a LeViT-style bias
+  table indexed by the absolute (dy, dx) offset; the concatenated heads go through ReLU and a
+  1x1 Conv-BN projection;
+- windows: a stage whose grid is larger than the window is zero-padded at the bottom/right to
+  a multiple of 7 and partitioned; a grid no larger than the window is one window of its own
+  size. The geometry is fixed at construction from `img_size` (any multiple of 16), so the
+  graph has static shapes and exports cleanly;
+- head: global average pool, BatchNorm1d, Linear.
+
+Module names follow timm's port (``patch_embed.conv1``, ``stages.K.downsample.res1`` ...), so
+our key layout is timm's; `convert_official` maps the official release's keys.
+
+Choices the official code leaves open, made configurable here:
+- ``drop_path_rate``: stochastic depth, rising linearly from 0 over the blocks, applied to
+  every residual branch of a block (the official ``Residual`` supports a rate but never sets
+  one; timm's port rejects the argument).
+
+Deploy form (`EfficientVit.reparameterize`): every BatchNorm folded into the conv/linear next
+to it, every residual depthwise conv folded into one conv with the identity in its centre
+tap, the query scale folded into the query conv, and each head's bias table expanded once
+into a dense ``[N, N]`` tensor. Same outputs (to float rounding), no BatchNorm, fewer ops.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import SqueezeExcite, resize_rel_pos_bias_table_levit
+
+from zoo.errors import ConfigError
+from zoo.hub import WeightEntry
+from zoo.models.layers import ConvNorm, NormLinear, Residual, fuse_modules, use_deploy_kernels
+from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Metric, ModelCard, Paper, register_model
+
+__all__ = ["EfficientVit", "convert_official", "convert_timm"]
+
+
+def _bias_index(resolution: int) -> torch.Tensor:
+    """``[N, N]`` index of each (query, key) pair's |offset| in the bias table, N = resolution^2.
+
+    Offsets are numbered in order of first appearance over row-major point pairs, as the
+    official code does, so the table has ``resolution^2`` entries.
+    """
+    points = list(itertools.product(range(resolution), range(resolution)))
+    offsets: dict[tuple[int, int], int] = {}
+    idxs = []
+    for p1 in points:
+        for p2 in points:
+            off = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
+            idxs.append(offsets.setdefault(off, len(offsets)))
+    return torch.tensor(idxs, dtype=torch.long).view(len(points), len(points))
+
+
+class ConvMlp(nn.Module):
+    """1x1 Conv-BN, ReLU, 1x1 Conv-BN (second BN gamma starts at 0). Input/output ``[B, C, H, W]``."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.pw1 = ConvNorm(dim, hidden)
+        self.act = nn.ReLU()
+        self.pw2 = ConvNorm(hidden, dim, bn_weight_init=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw2(self.act(self.pw1(x)))
+
+
+class CascadedGroupAttention(nn.Module):
+    """Cascaded group attention over one ``resolution x resolution`` window.
+
+    Input and output ``[B, dim, R, R]`` with ``R = resolution``. Head i takes channel split
+    i (``dim / num_heads`` channels) plus head i-1's output, projects it to query and key
+    (`key_dim` each) and value (``attn_ratio * key_dim``), runs a depthwise conv of
+    ``kernels[i]`` on the query, and attends with ``softmax(q^T k * key_dim^-0.5 + bias_i)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        key_dim: int,
+        num_heads: int,
+        attn_ratio: float,
+        resolution: int,
+        kernels: Sequence[int],
+    ):
+        super().__init__()
+        if len(kernels) < num_heads:
+            raise ValueError(f"need a query kernel per head: {num_heads} heads, kernels {list(kernels)}")
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.key_dim = key_dim
+        self.val_dim = int(attn_ratio * key_dim)
+        self.scale = key_dim**-0.5
+        self.resolution = resolution
+        self.qkvs = nn.ModuleList(ConvNorm(dim // num_heads, 2 * key_dim + self.val_dim) for _ in range(num_heads))
+        self.dws = nn.ModuleList(
+            ConvNorm(key_dim, key_dim, kernels[i], 1, kernels[i] // 2, groups=key_dim) for i in range(num_heads)
+        )
+        self.proj = nn.Sequential(nn.ReLU(), ConvNorm(self.val_dim * num_heads, dim, bn_weight_init=0.0))
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
+        self.register_buffer("attention_bias_idxs", _bias_index(resolution), persistent=False)
+        self.deployed = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.deployed:
+            return self._forward_deploy(x)
+        r, kd, vd = self.resolution, self.key_dim, self.val_dim
+        biases = self.attention_biases[:, self.attention_bias_idxs]
+        feats_in = x.chunk(self.num_heads, dim=1)
+        feats_out = []
+        feat = feats_in[0]
+        for i in range(self.num_heads):
+            if i > 0:
+                feat = feat + feats_in[i]
+            q, k, v = self.qkvs[i](feat).split([kd, kd, vd], dim=1)
+            q = self.dws[i](q)
+            q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
+            attn = (q.transpose(-2, -1) @ k) * self.scale + biases[i]
+            attn = attn.softmax(dim=-1)
+            feat = (v @ attn.transpose(-2, -1)).view(-1, vd, r, r)
+            feats_out.append(feat)
+        return self.proj(torch.cat(feats_out, dim=1))
+
+    def _forward_deploy(self, x: torch.Tensor) -> torch.Tensor:
+        # Same function with the scale inside the query conv and dense per-head bias tensors.
+        r, kd, vd = self.resolution, self.key_dim, self.val_dim
+        feats_in = x.chunk(self.num_heads, dim=1)
+        feats_out = []
+        feat = feats_in[0]
+        for i in range(self.num_heads):
+            if i > 0:
+                feat = feat + feats_in[i]
+            q, k, v = self.qkvs[i](feat).split([kd, kd, vd], dim=1)
+            q = self.dws[i](q).flatten(2)
+            attn = torch.matmul(q.transpose(-2, -1), k.flatten(2)) + self.attention_bias_dense[i]
+            feat = torch.matmul(v.flatten(2), attn.softmax(dim=-1).transpose(-2, -1)).view(-1, vd, r, r)
+            feats_out.append(feat)
+        return self.proj(torch.cat(feats_out, dim=1))
+
+    @torch.no_grad()
+    def fuse(self) -> "CascadedGroupAttention":
+        """Deploy form; call after the children's Conv-BN pairs are fused (see `fuse_modules`)."""
+        if self.deployed:
+            return self
+        for dw in self.dws:
+            dw.weight.mul_(self.scale)
+            dw.bias.mul_(self.scale)
+        dense = self.attention_biases[:, self.attention_bias_idxs].detach().clone()
+        del self.attention_biases
+        self.register_buffer("attention_bias_dense", dense)
+        self.deployed = True
+        return self
+
+
+class LocalWindowAttention(nn.Module):
+    """Cascaded group attention applied in non-overlapping windows. ``[B, C, R, R]`` in and out.
+
+    A grid R larger than `window_resolution` is zero-padded at the bottom and right to a
+    multiple of it and split into windows; otherwise the whole grid is one window.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        key_dim: int,
+        num_heads: int,
+        attn_ratio: float,
+        resolution: int,
+        window_resolution: int,
+        kernels: Sequence[int],
+    ):
+        super().__init__()
+        self.dim = dim
+        self.resolution = resolution
+        self.window_resolution = window_resolution
+        ws = min(window_resolution, resolution)
+        self.pad = (ws - resolution % ws) % ws
+        self.num_windows = (resolution + self.pad) // ws
+        self.attn = CascadedGroupAttention(dim, key_dim, num_heads, attn_ratio, ws, kernels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.num_windows == 1:
+            return self.attn(x)
+        c, r, n, p = self.dim, self.resolution, self.num_windows, self.pad
+        ws = self.attn.resolution
+        if p:
+            x = F.pad(x, (0, p, 0, p))
+        # [B, C, n*ws, n*ws] -> [B*n*n, C, ws, ws], windows in row-major order
+        x = x.view(-1, c, n, ws, n, ws).permute(0, 2, 4, 1, 3, 5).reshape(-1, c, ws, ws)
+        x = self.attn(x)
+        x = x.view(-1, n, n, c, ws, ws).permute(0, 3, 1, 4, 2, 5).reshape(-1, c, n * ws, n * ws)
+        if p:
+            x = x[:, :, :r, :r]
+        return x
+
+
+class EfficientVitBlock(nn.Module):
+    """The sandwich: DW conv, FFN, window attention, DW conv, FFN, each residual."""
+
+    def __init__(
+        self,
+        dim: int,
+        key_dim: int,
+        num_heads: int,
+        attn_ratio: float,
+        resolution: int,
+        window_resolution: int,
+        kernels: Sequence[int],
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.dw0 = Residual(ConvNorm(dim, dim, 3, 1, 1, groups=dim, bn_weight_init=0.0), drop_path)
+        self.ffn0 = Residual(ConvMlp(dim, dim * 2), drop_path)
+        self.mixer = Residual(
+            LocalWindowAttention(dim, key_dim, num_heads, attn_ratio, resolution, window_resolution, kernels),
+            drop_path,
+        )
+        self.dw1 = Residual(ConvNorm(dim, dim, 3, 1, 1, groups=dim, bn_weight_init=0.0), drop_path)
+        self.ffn1 = Residual(ConvMlp(dim, dim * 2), drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
+
+
+class PatchMerging(nn.Module):
+    """1x1 expand (4x), stride-2 3x3 DW conv, squeeze-excite (ratio 0.25), 1x1 project."""
+
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        hidden = dim * 4
+        self.conv1 = ConvNorm(dim, hidden)
+        self.act = nn.ReLU()
+        self.conv2 = ConvNorm(hidden, hidden, 3, 2, 1, groups=hidden)
+        self.se = SqueezeExcite(hidden, 0.25)
+        self.conv3 = ConvNorm(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.se(self.act(self.conv2(self.act(self.conv1(x))))))
+
+
+def _dw_ffn(dim: int) -> nn.Sequential:
+    return nn.Sequential(Residual(ConvNorm(dim, dim, 3, 1, 1, groups=dim)), Residual(ConvMlp(dim, dim * 2)))
+
+
+class EfficientVitStage(nn.Module):
+    """Optional downsampling (res1, patchmerge, res2) then `depth` EfficientViT blocks."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        key_dim: int,
+        num_heads: int,
+        attn_ratio: float,
+        resolution: int,
+        window_resolution: int,
+        kernels: Sequence[int],
+        depth: int,
+        downsample: bool,
+        drop_path: Sequence[float],
+    ):
+        super().__init__()
+        if downsample:
+            self.resolution = (resolution - 1) // 2 + 1
+            self.downsample = nn.Sequential(
+                OrderedDict(res1=_dw_ffn(in_dim), patchmerge=PatchMerging(in_dim, out_dim), res2=_dw_ffn(out_dim))
+            )
+        else:
+            if in_dim != out_dim:
+                raise ValueError(f"a stage without downsampling keeps its width ({in_dim} != {out_dim})")
+            self.resolution = resolution
+            self.downsample = nn.Identity()
+        self.blocks = nn.Sequential(
+            *(
+                EfficientVitBlock(
+                    out_dim, key_dim, num_heads, attn_ratio, self.resolution, window_resolution, kernels, drop_path[d]
+                )
+                for d in range(depth)
+            )
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+class PatchEmbedding(nn.Sequential):
+    """Four stride-2 3x3 Conv-BN with ReLU between: ``[B, 3, S, S] -> [B, dim, S/16, S/16]``."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__()
+        self.conv1 = ConvNorm(in_chans, dim // 8, 3, 2, 1)
+        self.relu1 = nn.ReLU()
+        self.conv2 = ConvNorm(dim // 8, dim // 4, 3, 2, 1)
+        self.relu2 = nn.ReLU()
+        self.conv3 = ConvNorm(dim // 4, dim // 2, 3, 2, 1)
+        self.relu3 = nn.ReLU()
+        self.conv4 = ConvNorm(dim // 2, dim, 3, 2, 1)
+
+
+class EfficientVit(nn.Module):
+    """EfficientViT classifier / backbone. Input ``[B, in_chans, img_size, img_size]``.
+
+    Args:
+        img_size: input side, a multiple of 16; fixes the window geometry (as the official
+            code does) so shapes are static.
+        embed_dim, depth, num_heads: per stage.
+        key_dim: per-stage query/key width (16 in every released variant).
+        window_size: per-stage attention window side.
+        kernels: query depthwise-conv kernel per head (heads beyond its length are an error).
+        num_classes: classifier outputs; 0 for a backbone returning pooled features.
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, linear from 0 to this over the blocks.
+
+    Outputs: ``forward`` -> ``[B, num_classes]`` logits; ``forward_features`` ->
+    ``[B, embed_dim[-1], R, R]`` with ``R`` the last stage's grid (4 at 224).
+    """
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: Sequence[int] = (64, 128, 192),
+        key_dim: Sequence[int] = (16, 16, 16),
+        depth: Sequence[int] = (1, 2, 3),
+        num_heads: Sequence[int] = (4, 4, 4),
+        window_size: Sequence[int] = (7, 7, 7),
+        kernels: Sequence[int] = (5, 5, 5, 5),
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        if not isinstance(img_size, int) or img_size <= 0 or img_size % 16:
+            raise ConfigError(f"img_size must be a positive multiple of 16 (got {img_size!r}).")
+        n_stages = len(embed_dim)
+        if not (len(key_dim) == len(depth) == len(num_heads) == len(window_size) == n_stages):
+            raise ConfigError("embed_dim, key_dim, depth, num_heads and window_size need one entry per stage.")
+        self.img_size = img_size
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.grad_checkpointing = False
+        self.deployed = False
+
+        self.patch_embed = PatchEmbedding(in_chans, embed_dim[0])
+        resolution = img_size // 16
+        rates = torch.linspace(0, drop_path_rate, sum(depth)).tolist()
+        stages, self.feature_info, stride, prev = [], [], 16, embed_dim[0]
+        for i in range(n_stages):
+            attn_ratio = embed_dim[i] / (key_dim[i] * num_heads[i])
+            stage = EfficientVitStage(
+                prev, embed_dim[i], key_dim[i], num_heads[i], attn_ratio, resolution, window_size[i], kernels,
+                depth[i], downsample=i > 0, drop_path=rates[sum(depth[:i]): sum(depth[: i + 1])],
+            )
+            stride *= 2 if i > 0 else 1
+            resolution = stage.resolution
+            prev = embed_dim[i]
+            stages.append(stage)
+            self.feature_info.append(dict(num_chs=embed_dim[i], reduction=stride, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+        self.feature_resolution = resolution
+        self.num_features = self.head_hidden_size = embed_dim[-1]
+        self.head = NormLinear(self.num_features, num_classes, drop=drop_rate) if num_classes > 0 else nn.Identity()
+        self.pretrained_cfg = {
+            "input_size": (in_chans, img_size, img_size),
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "crop_pct": 0.875,
+            "interpolation": "bicubic",
+            "num_classes": num_classes,
+            "first_conv": "patch_embed.conv1.conv",
+            "classifier": "head.linear",
+            "fixed_input_size": True,
+            "pool_size": (self.feature_resolution, self.feature_resolution),
+        }
+
+    # --- timm-compatible interface -----------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {k for k in self.state_dict() if "attention_biases" in k}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(
+            stem=r"^patch_embed",
+            blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.\w+\.(\d+)", None)],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.linear if isinstance(self.head, NormLinear) else self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool not in (None, "avg"):
+            raise ConfigError(f"EfficientVit pools by average only (got global_pool={global_pool!r}).")
+        self.num_classes = num_classes
+        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+        self.head = NormLinear(self.num_features, num_classes, drop=self.drop_rate) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (self.img_size, self.img_size):
+            raise ConfigError(
+                f"this EfficientVit was built for {self.img_size}x{self.img_size} inputs, got "
+                f"{tuple(x.shape[-2:])}; build it with img_size={x.shape[-1]} (a multiple of 16)."
+            )
+        x = self.patch_embed(x)
+        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+            from timm.models import checkpoint_seq
+
+            return checkpoint_seq(self.stages, x)
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    # --- deploy form ---------------------------------------------------------------------
+    @torch.no_grad()
+    def reparameterize(self) -> "EfficientVit":
+        """Fold for inference, in place (see the module docstring). Returns self, in eval mode."""
+        self.eval()
+        fuse_modules(self)
+        use_deploy_kernels(self)
+        for m in self.modules():
+            if isinstance(m, nn.ReLU):
+                m.inplace = True  # every ReLU here acts on a fresh intermediate
+        self.requires_grad_(False)
+        self.deployed = True
+        return self
+
+
+# ------------------------------------------------------------------------------------------
+# Key layouts
+
+
+def _resize_biases(sd: dict, model: nn.Module) -> dict:
+    """Resize attention bias tables whose window differs from the model's (bicubic, as timm)."""
+    target = model.state_dict()
+    for k, v in list(sd.items()):
+        if k.endswith("attention_biases") and k in target and v.shape != target[k].shape and v.ndim == 2:
+            sd[k] = resize_rel_pos_bias_table_levit(v.T, target[k].shape[::-1]).T.contiguous()
+    return sd
+
+
+def convert_timm(sd: dict, model: nn.Module) -> dict:
+    """timm's ``efficientvit_m*`` keys are ours; older timm files also saved the bias index."""
+    sd = {k: v for k, v in sd.items() if not k.endswith("attention_bias_idxs")}
+    return _resize_biases(sd, model)
+
+
+def convert_official(sd: dict, model: nn.Module) -> dict:
+    """Official release keys (``patch_embed.{0,2,4,6}``, ``blocks{1,2,3}.N``, ``.c``/``.l``) to ours.
+
+    In the official layout a stage's downsampling modules are the first three entries of its
+    ``blocksK`` Sequential: ``.0`` -> ``downsample.res1``, ``.1`` -> ``downsample.patchmerge``,
+    ``.2`` -> ``downsample.res2``, then blocks from ``.3``.
+    """
+    if not any(k.startswith("blocks1.") for k in sd):
+        raise KeyError("not the official layout")
+    rename = {"c": "conv", "l": "linear"}
+    out = {}
+    for key, v in sd.items():
+        if key.endswith("attention_bias_idxs"):
+            continue
+        parts = [rename.get(p, p) for p in key.split(".")]
+        if parts[0] == "patch_embed":
+            parts[1] = f"conv{int(parts[1]) // 2 + 1}"
+        elif parts[0].startswith("blocks"):
+            stage = int(parts[0][len("blocks"):]) - 1
+            idx = int(parts[1])
+            if stage > 0:
+                if idx < 3:
+                    parts[1:2] = ["downsample", ("res1", "patchmerge", "res2")[idx]]
+                else:
+                    parts[1:2] = ["blocks", str(idx - 3)]
+            else:
+                parts[1:2] = ["blocks", str(idx)]
+            parts[0:1] = ["stages", str(stage)]
+        out[".".join(parts)] = v
+    return _resize_biases(out, model)
+
+
+# ------------------------------------------------------------------------------------------
+# Registry
+
+_PAPER = Paper(
+    title="EfficientViT: Memory Efficient Vision Transformer with Cascaded Group Attention",
+    arxiv="2305.07027",
+    code="https://github.com/microsoft/Cream/tree/main/EfficientViT",
+)
+
+# name: (embed_dim, depth, num_heads, kernels, paper top-1)
+_VARIANTS = {
+    "m0": ((64, 128, 192), (1, 2, 3), (4, 4, 4), (5, 5, 5, 5), 63.2),
+    "m1": ((128, 144, 192), (1, 2, 3), (2, 3, 3), (7, 5, 3, 3), 68.4),
+    "m2": ((128, 192, 224), (1, 2, 3), (4, 3, 2), (7, 5, 3, 3), 70.8),
+    "m3": ((128, 240, 320), (1, 2, 3), (4, 3, 4), (5, 5, 5, 5), 73.4),
+    "m4": ((128, 256, 384), (1, 2, 3), (4, 4, 4), (7, 5, 3, 3), 74.3),
+    "m5": ((192, 288, 384), (1, 3, 4), (3, 3, 4), (7, 5, 3, 3), 77.1),
+}
+
+_OFFICIAL_URL = "https://github.com/xinyuliu-jeffrey/EfficientViT_Model_Zoo/releases/download/v1.0/efficientvit_{}.pth"
+
+for _v, (_dims, _depth, _heads, _kernels, _top1) in _VARIANTS.items():
+    register_model(
+        ModelCard(
+            name=f"efficientvit_{_v}",
+            family="efficientvit",
+            task="image-classification",
+            paper=_PAPER,
+            builder=EfficientVit,
+            config=dict(
+                img_size=224,
+                num_classes=1000,
+                embed_dim=_dims,
+                key_dim=(16, 16, 16),
+                depth=_depth,
+                num_heads=_heads,
+                window_size=(7, 7, 7),
+                kernels=_kernels,
+            ),
+            input=InputSpec("image", (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, 0.875, "bicubic"),
+            metrics={"imagenet_top1": Metric(_top1, "%", "ImageNet-1k val", "paper Table 1 (arXiv 2305.07027)")},
+            weights={
+                "r224_in1k": WeightEntry(
+                    "r224_in1k", f"hf-hub:timm/efficientvit_{_v}.r224_in1k", filename="model.safetensors",
+                    format="safetensors", layout="timm", license="mit",
+                    description="ImageNet-1k, 224px, the official weights as re-hosted by timm",
+                ),
+                "official": WeightEntry(
+                    "official", _OFFICIAL_URL.format(_v), format="pytorch", layout="official", license="mit",
+                    description="ImageNet-1k, 224px, the official release (state dict under 'model')",
+                ),
+            },
+            default_tag="r224_in1k",
+            layouts={"timm": convert_timm, "official": convert_official},
+            head_keys=("head.linear.",),
+            license="mit",
+            description="Sandwich-layout ViT with cascaded group attention in 7x7 windows.",
+        )
+    )

@@ -1,0 +1,243 @@
+"""Layers shared by the image families, and the deploy-time folding they support.
+
+Folding (``fuse()``) is inference-only: it bakes BatchNorm running statistics into the
+preceding (or following, for `NormLinear`) conv/linear weights, so the result computes the
+eval-mode function with fewer ops. `fuse_modules` applies every ``fuse()`` in a tree,
+children first, which lets a parent fold what its children became (e.g. a residual around a
+depthwise conv folds the identity into the kernel's centre tap).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+
+__all__ = [
+    "ConvNorm",
+    "DeployConv2d",
+    "use_deploy_kernels",
+    "NormLinear",
+    "Residual",
+    "fuse_conv_bn",
+    "fuse_bn_linear",
+    "fold_identity_into_dwconv",
+    "fuse_modules",
+]
+
+
+@torch.no_grad()
+def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    """A Conv2d computing ``bn(conv(x))`` with eval-mode BN statistics."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    fused.weight.copy_(conv.weight * scale.view(-1, 1, 1, 1))
+    fused.bias.copy_(bias)
+    return fused
+
+
+@torch.no_grad()
+def fuse_bn_linear(bn: nn.BatchNorm1d, linear: nn.Linear) -> nn.Linear:
+    """A Linear computing ``linear(bn(x))`` with eval-mode BN statistics."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    shift = bn.bias - bn.running_mean * scale
+    fused = nn.Linear(linear.in_features, linear.out_features, bias=True,
+                      device=linear.weight.device, dtype=linear.weight.dtype)
+    fused.weight.copy_(linear.weight * scale[None, :])
+    bias = linear.weight @ shift
+    if linear.bias is not None:
+        bias = bias + linear.bias
+    fused.bias.copy_(bias)
+    return fused
+
+
+@torch.no_grad()
+def fold_identity_into_dwconv(conv: nn.Conv2d) -> nn.Conv2d | None:
+    """``x + conv(x)`` as one conv, for a stride-1 depthwise conv with 'same' padding; else None."""
+    k = conv.kernel_size
+    if not (
+        conv.groups == conv.in_channels == conv.out_channels
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and k[0] % 2 == 1
+        and k[1] % 2 == 1
+        and conv.padding == (k[0] // 2, k[1] // 2)
+        and conv.padding_mode == "zeros"
+    ):
+        return None
+    conv.weight[:, 0, k[0] // 2, k[1] // 2] += 1.0
+    return conv
+
+
+class ConvNorm(nn.Sequential):
+    """Conv2d (no bias) followed by BatchNorm2d. Keys: ``conv.*``, ``bn.*``.
+
+    bn_weight_init: initial BN gamma; 0 makes a residual branch start as the identity.
+    """
+
+    def __init__(
+        self,
+        in_chs: int,
+        out_chs: int,
+        kernel_size: int = 1,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        bn_weight_init: float = 1.0,
+    ):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups, bias=False)
+        self.bn = nn.BatchNorm2d(out_chs)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+        nn.init.zeros_(self.bn.bias)
+
+    def fuse(self) -> nn.Conv2d:
+        return fuse_conv_bn(self.conv, self.bn)
+
+
+class NormLinear(nn.Sequential):
+    """BatchNorm1d, dropout, Linear: the classifier head. Keys: ``bn.*``, ``linear.*``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, std: float = 0.02, drop: float = 0.0):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(in_features)
+        self.drop = nn.Dropout(drop)
+        self.linear = nn.Linear(in_features, out_features, bias=bias)
+        trunc_normal_(self.linear.weight, std=std)
+        if bias:
+            nn.init.zeros_(self.linear.bias)
+
+    def fuse(self) -> nn.Linear:
+        return fuse_bn_linear(self.bn, self.linear)
+
+
+class Residual(nn.Module):
+    """``x + drop_path(m(x))``. Key: ``m.*`` (as the official code and timm name it).
+
+    drop_path: stochastic depth rate, the whole branch dropped per sample in training.
+    """
+
+    def __init__(self, m: nn.Module, drop_path: float = 0.0):
+        super().__init__()
+        self.m = m
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.m(x))
+
+    def fuse(self) -> nn.Module:
+        if isinstance(self.m, nn.Conv2d):
+            folded = fold_identity_into_dwconv(self.m)
+            if folded is not None:
+                return folded
+        return self
+
+
+def fuse_modules(module: nn.Module) -> nn.Module:
+    """Replace, children first, every submodule that has ``fuse()`` by what it returns."""
+    for name, child in list(module.named_children()):
+        fuse_modules(child)
+        if hasattr(child, "fuse"):
+            setattr(module, name, child.fuse())
+    return module
+
+
+
+def _graph_capture() -> bool:
+    """True while tracing, scripting, compiling or exporting: then only standard ops are used."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
+class DeployConv2d(nn.Conv2d):
+    """An `nn.Conv2d` (same parameters, same function) with faster eager CPU kernels.
+
+    Small ViTs run hundreds of tiny convolutions, where oneDNN spends ~50 us per call on
+    layout reorders whatever the arithmetic (measured on 2 cores: a 5x5 depthwise conv on a
+    4x4 grid, 46 us). In eager inference on the CPU this module instead computes
+
+    - a 1x1, stride-1, ungrouped conv as one matrix product (``[Co, Ci] @ [B, Ci, H*W]``);
+    - a stride-1 depthwise conv with 'same' zero padding on a grid of at most
+      `dense_max_tokens` positions as one batched product with a dense per-channel
+      ``[H*W, H*W]`` matrix built from the kernel on first use for each grid size. The
+      matrices are a cache: not parameters, not in the state dict, never exported, rebuilt
+      if the weights change, and capped at `dense_max_bytes` per layer.
+
+    Anything else, and always while tracing, scripting, compiling or exporting, on other
+    devices, or when autograd needs the weights, is the plain ``nn.Conv2d`` forward.
+    """
+
+    dense_max_tokens = 49
+    dense_max_bytes = 256 << 10
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.dim() != 4 or _graph_capture() or (
+            torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
+        ):
+            return super().forward(x)
+        b, c, h, w = x.shape
+        if self.kernel_size == (1, 1) and self.groups == 1 and self.stride == (1, 1) and self.padding == (0, 0):
+            weight = self.weight.view(self.out_channels, c)
+            if b == 1:
+                y = torch.addmm(self.bias.view(-1, 1), weight, x.view(c, h * w)) if self.bias is not None else weight @ x.view(c, h * w)
+            else:
+                y = torch.matmul(weight, x.reshape(b, c, h * w))
+                if self.bias is not None:
+                    y = y + self.bias.view(1, -1, 1)
+            return y.view(b, self.out_channels, h, w)
+        dense = self._dense_depthwise(h, w, x.dtype)
+        if dense is not None:
+            n = h * w
+            xs = x.view(c, 1, n) if b == 1 else x.reshape(b, c, n).transpose(0, 1)
+            bias = self.bias.view(c, 1, 1) if self.bias is not None else None
+            y = torch.baddbmm(bias, xs, dense) if bias is not None else torch.bmm(xs, dense)
+            return y.view(1, c, h, w) if b == 1 else y.transpose(0, 1).reshape(b, c, h, w)
+        return super().forward(x)
+
+    def _dense_depthwise(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor | None:
+        k = self.kernel_size
+        c = self.in_channels
+        if not (
+            self.groups == c == self.out_channels
+            and self.stride == (1, 1)
+            and self.dilation == (1, 1)
+            and self.padding == (k[0] // 2, k[1] // 2)
+            and self.padding_mode == "zeros"
+            and h * w <= self.dense_max_tokens
+            and c * (h * w) ** 2 * self.weight.element_size() <= self.dense_max_bytes
+        ):
+            return None
+        key = (h, w, dtype, self.weight._version, self.weight.data_ptr())
+        cache = self.__dict__.setdefault("_dense_cache", {})
+        if key not in cache:
+            cache.clear()
+            n = h * w
+            with torch.no_grad():
+                # Response to a unit impulse at each position q: row q of the matrix, per channel.
+                impulses = torch.eye(n, dtype=dtype).view(n, 1, h, w).expand(n, c, h, w)
+                resp = F.conv2d(impulses, self.weight.to(dtype), None, 1, self.padding, 1, c)
+                cache[key] = resp.reshape(n, c, n).transpose(0, 1).contiguous()  # [C, q, p]
+        return cache[key]
+
+
+def use_deploy_kernels(module: nn.Module) -> nn.Module:
+    """Turn every plain `nn.Conv2d` in `module` into a `DeployConv2d`, in place (same parameters)."""
+    for m in module.modules():
+        if type(m) is nn.Conv2d:
+            m.__class__ = DeployConv2d
+    return module

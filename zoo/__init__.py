@@ -1,0 +1,34 @@
+"""zoo: an efficient vision and 3D generation model zoo on PyTorch.
+
+    >>> import zoo
+    >>> zoo.list_models("efficientvit_*")
+    >>> model = zoo.create_model("efficientvit_m0", pretrained=False)
+    >>> zoo.model_card("efficientvit_m0").paper.arxiv
+"""
+__version__ = "0.1.0"
+
+from zoo.complexity import complexity  # noqa: E402
+from zoo.errors import (  # noqa: E402
+    ConfigError,
+    DataError,
+    ExportError,
+    UnknownModelError,
+    WeightsError,
+    ZooError,
+)
+from zoo.registry import create_model, list_families, list_models, model_card  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "create_model",
+    "list_models",
+    "list_families",
+    "model_card",
+    "complexity",
+    "ZooError",
+    "UnknownModelError",
+    "ConfigError",
+    "WeightsError",
+    "ExportError",
+    "DataError",
+]

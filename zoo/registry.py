@@ -1,0 +1,254 @@
+"""The model registry: every model zoo can build, described by a `ModelCard`.
+
+Families register their variants when `zoo.models` is imported (done lazily here, so
+``import zoo`` stays cheap). A card says what the model is (family, task, paper), how to
+build it (a builder and its architecture config), what it takes (an `InputSpec`), what the
+paper reports (`Metric`s with their source), and which weights exist (`WeightEntry`s with
+the key-layout converters the family owns). Params and MACs are not typed into cards: they
+are computed on demand (`zoo.complexity`) and cached.
+"""
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from zoo.errors import ConfigError, UnknownModelError, WeightsError, closest
+from zoo.hub import Converter, WeightEntry, fetch, load_weights, read_state_dict
+
+__all__ = [
+    "Paper",
+    "InputSpec",
+    "Metric",
+    "ModelCard",
+    "register_model",
+    "list_models",
+    "model_card",
+    "create_model",
+    "list_families",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Paper:
+    title: str
+    arxiv: str
+    code: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"https://arxiv.org/abs/{self.arxiv}"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model's forward takes by default (batch dimension excluded).
+
+    kind: ``image`` (a float ``[B, C, H, W]`` tensor, normalised with `mean`/`std`).
+    For images, `crop_pct` and `interpolation` describe the eval transform as timm does.
+    """
+
+    kind: str
+    shape: tuple[int, ...]
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+
+    def example(self, batch_size: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Random positional inputs for one forward call (used for MACs, export, benchmarks)."""
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn((batch_size, *self.shape), generator=g),)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A figure the paper reports, with where it comes from."""
+
+    value: float
+    unit: str
+    dataset: str
+    source: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """Everything zoo knows about one registered model.
+
+    builder: ``builder(**config) -> nn.Module``; its keyword parameters are the overrides
+        `create_model` accepts.
+    layouts: key-layout name (``timm``, ``official``) -> converter into this model's keys.
+    head_keys: state-dict key prefixes of the classifier (reset when num_classes changes).
+    """
+
+    name: str
+    family: str
+    task: str
+    paper: Paper
+    builder: Callable[..., torch.nn.Module]
+    config: Mapping[str, Any]
+    input: InputSpec
+    metrics: Mapping[str, Metric] = field(default_factory=dict)
+    weights: Mapping[str, WeightEntry] = field(default_factory=dict)
+    default_tag: str | None = None
+    layouts: Mapping[str, Converter] = field(default_factory=dict)
+    head_keys: tuple[str, ...] = ()
+    license: str = "unknown"
+    description: str = ""
+
+    def accepted_overrides(self) -> list[str]:
+        params = inspect.signature(self.builder).parameters.values()
+        return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+    def to_dict(self, complexity: bool = True) -> dict:
+        d = {
+            "name": self.name,
+            "family": self.family,
+            "task": self.task,
+            "paper": {"title": self.paper.title, "arxiv": self.paper.arxiv, "url": self.paper.url, "code": self.paper.code},
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in self.config.items()},
+            "input": self.input.to_dict(),
+            "metrics": {k: m.to_dict() for k, m in self.metrics.items()},
+            "weights": {t: w.to_dict() for t, w in self.weights.items()},
+            "default_weights": self.default_tag,
+            "license": self.license,
+            "description": self.description,
+        }
+        if complexity:
+            from zoo.complexity import complexity as _complexity
+
+            d["complexity"] = _complexity(self.name)
+        return d
+
+
+_REGISTRY: dict[str, ModelCard] = {}
+_loaded = False
+
+
+def register_model(card: ModelCard) -> ModelCard:
+    """Add a card to the registry (called by each family module at import)."""
+    if card.name in _REGISTRY and _REGISTRY[card.name] is not card:
+        raise ValueError(f"model {card.name!r} is registered twice")
+    if card.default_tag is not None and card.default_tag not in card.weights:
+        raise ValueError(f"{card.name}: default weights {card.default_tag!r} are not among its weight entries")
+    unknown = set(card.config) - set(card.accepted_overrides())
+    if unknown:
+        raise ValueError(f"{card.name}: config keys {sorted(unknown)} are not builder arguments")
+    _REGISTRY[card.name] = card
+    return card
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        import zoo.models  # noqa: F401  (registers every family)
+
+        _loaded = True
+
+
+def list_models(pattern: str = "*", task: str | None = None, family: str | None = None) -> list[str]:
+    """Registered model names matching a shell-style `pattern`, optionally one task/family, sorted."""
+    _ensure_loaded()
+    return sorted(
+        name
+        for name, card in _REGISTRY.items()
+        if fnmatch.fnmatchcase(name, pattern)
+        and (task is None or card.task == task)
+        and (family is None or card.family == family)
+    )
+
+
+def list_families() -> list[str]:
+    _ensure_loaded()
+    return sorted({c.family for c in _REGISTRY.values()})
+
+
+def model_card(name: str) -> ModelCard:
+    """The card of a registered model; `UnknownModelError` (with the closest names) otherwise."""
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        near = closest(name, _REGISTRY)
+        hint = f" Did you mean {', '.join(near)}?" if near else ""
+        raise UnknownModelError(f"no model named {name!r}.{hint} `zoo list` shows them all.") from None
+
+
+def create_model(name: str, pretrained: bool | str | Path = False, **overrides) -> torch.nn.Module:
+    """Build a registered model, optionally with weights.
+
+    pretrained: ``False``; ``True`` for the card's default weights; a weight tag from the card;
+        or a path to a local file (safetensors or torch, any supported key layout).
+    overrides: architecture arguments replacing the card's config (``num_classes``,
+        ``img_size``, ``drop_path_rate``...). Unknown ones raise `ConfigError` naming the valid
+        ones. When ``num_classes`` differs from the weights', the classifier stays freshly
+        initialised and the rest loads.
+
+    Returns the model in eval mode, on the CPU, with ``pretrained_cfg`` describing its input.
+    """
+    card = model_card(name)
+    valid = card.accepted_overrides()
+    bad = [k for k in overrides if k not in valid]
+    if bad:
+        raise ConfigError(f"{name} does not take {', '.join(map(repr, bad))}; valid overrides are: {', '.join(valid)}.")
+    config = {**card.config, **overrides}
+    try:
+        model = card.builder(**config)
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"cannot build {name} with {overrides}: {e}") from None
+    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    cfg.update(architecture=name, tag=None)
+    if card.input.kind == "image":
+        cfg.setdefault("input_size", card.input.shape)
+        for key in ("mean", "std", "crop_pct", "interpolation"):
+            if getattr(card.input, key) is not None:
+                cfg[key] = getattr(card.input, key)
+    if pretrained is not False and pretrained is not None:
+        cfg["tag"] = _load_pretrained(model, card, pretrained)
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg  # older timm helpers read this name
+    return model.eval()
+
+
+def _load_pretrained(model: torch.nn.Module, card: ModelCard, pretrained) -> str:
+    entry = None
+    if pretrained is True:
+        if card.default_tag is None:
+            raise WeightsError(
+                f"{card.name} has no default weights; pass pretrained=<path to a file> "
+                + (f"or one of the tags {sorted(card.weights)}." if card.weights else "or train it (`zoo train`).")
+            )
+        entry = card.weights[card.default_tag]
+    elif isinstance(pretrained, str) and pretrained in card.weights:
+        entry = card.weights[pretrained]
+    else:
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            if isinstance(pretrained, str) and "/" not in pretrained and "." not in pretrained:
+                near = closest(pretrained, card.weights)
+                raise UnknownModelError(
+                    f"{card.name} has no weights tagged {pretrained!r}; tags: {sorted(card.weights) or 'none'}"
+                    + (f" (closest: {', '.join(near)})" if near else "")
+                    + ". A local file path works too."
+                )
+            raise WeightsError(f"weights file {path} does not exist.")
+        sd = read_state_dict(path)
+        load_weights(model, sd, card.layouts, None, card.head_keys, origin=str(path))
+        return str(path)
+    path = fetch(card.name, entry)
+    sd = read_state_dict(path)
+    load_weights(model, sd, card.layouts, entry.layout, card.head_keys, origin=f"{card.name}:{entry.tag} ({path})")
+    return entry.tag
