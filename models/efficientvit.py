@@ -462,16 +462,25 @@ class EfficientVit(nn.Module):
 
 
 def _resize_biases(sd: dict, model: nn.Module) -> dict:
-    """Resize attention bias tables whose window differs from the model's (bicubic, as timm)."""
+    """Resize attention bias tables whose window differs from the model's.
+
+    A table ``[heads, R*R]`` is a grid over the absolute offsets ``(|dy|, |dx|)`` in row-major
+    order; it is resampled as an ``R x R`` image to the new window's grid with bicubic
+    interpolation, ``antialias=True``, ``align_corners=False`` (timm's
+    ``resize_rel_pos_bias_table_levit``, after TinyViT).
+    """
     target = model.state_dict()
     for k, v in list(sd.items()):
-        if k.endswith("attention_biases") and k in target and v.shape != target[k].shape and v.ndim == 2:
-            sd[k] = resize_rel_pos_bias_table_levit(v.T, target[k].shape[::-1]).T.contiguous()
+        t = target.get(k)
+        if k.endswith("attention_biases") and t is not None and v.ndim == 2 and v.shape[0] == t.shape[0] != 0 \
+                and v.shape != t.shape:  # same heads, other window: resize; anything else is reported as a mismatch
+            sd[k] = resize_rel_pos_bias_table_levit(v.T, t.shape[::-1]).T.contiguous()
     return sd
 
 
 def convert_timm(sd: dict, model: nn.Module) -> dict:
-    """timm's ``efficientvit_m*`` keys are ours; older timm files also saved the bias index."""
+    """Our keys, which are timm's ``efficientvit_m*`` keys (older timm files also saved the
+    bias index); bias tables are resized when the model's windows differ from the file's."""
     sd = {k: v for k, v in sd.items() if not k.endswith("attention_bias_idxs")}
     return _resize_biases(sd, model)
 
@@ -561,7 +570,7 @@ for _v, (_dims, _depth, _heads, _kernels, _top1) in _VARIANTS.items():
                 ),
             },
             default_tag="r224_in1k",
-            layouts={"timm": convert_timm, "official": convert_official},
+            layouts={"zoo": convert_timm, "timm": convert_timm, "official": convert_official},
             head_keys=("head.linear.",),
             license="mit",
             description="Sandwich-layout ViT with cascaded group attention in 7x7 windows.",

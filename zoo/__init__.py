@@ -7,7 +7,7 @@
 """
 __version__ = "0.1.0"
 
-from zoo.complexity import complexity  # noqa: E402
+from zoo.flops import complexity  # noqa: E402
 from zoo.errors import (  # noqa: E402
     ConfigError,
     DataError,
@@ -32,3 +32,12 @@ __all__ = [
     "ExportError",
     "DataError",
 ]
+
+
+def __getattr__(name: str):
+    # `zoo.models`, `zoo.export` and `zoo.render` load on first use, keeping `import zoo` light.
+    if name in ("models", "export", "render"):
+        import importlib
+
+        return importlib.import_module(f"zoo.{name}")
+    raise AttributeError(f"module 'zoo' has no attribute {name!r}")

@@ -60,7 +60,7 @@ def _cmd_demo(args) -> int:
     """Build every registered model on CPU and report params, MACs and one forward's time."""
     import torch
 
-    from zoo.complexity import complexity
+    from zoo.flops import complexity
     from zoo.io import atomic_write_json
     from zoo.registry import create_model, list_models, model_card
     from zoo.tables import format_table, human_count

@@ -187,13 +187,15 @@ def _download_url(url: str, dest: Path, entry: WeightEntry, model_name: str, pro
         with response, atomic_write(dest) as out, tqdm(
             total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name, disable=not progress, leave=False
         ) as bar:
+            received = 0  # counted here: a disabled tqdm bar does not count
             while block := response.read(1 << 20):
                 out.write(block)
                 digest.update(block)
+                received += len(block)
                 bar.update(len(block))
-            if total is not None and bar.n != total:
+            if total is not None and received != total:
                 raise WeightsError(
-                    f"download of {url} stopped after {bar.n} of {total} bytes; nothing was kept, try again."
+                    f"download of {url} stopped after {received} of {total} bytes; nothing was kept, try again."
                 )
             if entry.sha256 and digest.hexdigest() != entry.sha256:
                 raise WeightsError(
@@ -337,8 +339,9 @@ def load_weights(
 ) -> str:
     """Load `state_dict` into `model`, converting from a foreign key layout when needed.
 
-    converters: layout name -> ``fn(state_dict, model) -> state_dict`` in the model's layout
-        (``zoo``, the identity, is always tried first).
+    converters: layout name -> ``fn(state_dict, model) -> state_dict`` in the model's layout.
+        ``zoo`` is tried first; it is the identity unless the family gives its own (e.g. one
+        that resizes position-bias tables for another input size).
     layout: only try this layout (the weight entry's own); None detects it by trying each
         and keeping the one whose keys match the model exactly.
     head_keys: key prefixes of the classifier; their shape mismatches are allowed (the

@@ -128,7 +128,7 @@ class ModelCard:
             "description": self.description,
         }
         if complexity:
-            from zoo.complexity import complexity as _complexity
+            from zoo.flops import complexity as _complexity
 
             d["complexity"] = _complexity(self.name)
         return d

@@ -18,7 +18,7 @@ def human_count(n: int | float) -> str:
 
 def model_rows(names: Sequence[str]) -> list[tuple[str, ...]]:
     """One row per model for `MODEL_HEADERS`, params and MACs computed (and cached)."""
-    from zoo.complexity import complexity
+    from zoo.flops import complexity
     from zoo.registry import model_card
 
     rows = []
