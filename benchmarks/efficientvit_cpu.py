@@ -18,18 +18,7 @@ import timm
 import torch
 
 import zoo
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+from zoo.testing import randomize_
 
 
 def timed(fn, x) -> float:
@@ -51,7 +40,7 @@ def main() -> None:
     for v in args.variants:
         name = f"efficientvit_{v}"
         ref = timm.create_model(name).eval()
-        randomize_(ref)
+        randomize_(ref, scale=0.1)
         ours = zoo.create_model(name)
         ours.load_state_dict(ref.state_dict())
         ours.reparameterize()

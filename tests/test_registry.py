@@ -66,6 +66,7 @@ def test_card_contents():
 
 
 def test_complexity_is_computed_then_cached(zoo_home, monkeypatch):
+    monkeypatch.setattr(complexity_mod, "_memory", {})  # earlier tests may have filled it
     cx = zoo.complexity("efficientvit_m0")
     model = zoo.create_model("efficientvit_m0")
     assert cx["params"] == sum(p.numel() for p in model.parameters())
