@@ -447,6 +447,8 @@ class EfficientVit(nn.Module):
     def reparameterize(self) -> "EfficientVit":
         """Fold for inference, in place (see the module docstring). Returns self, in eval mode."""
         self.eval()
+        if self.deployed:
+            return self
         fuse_modules(self)
         use_deploy_kernels(self)
         for m in self.modules():
