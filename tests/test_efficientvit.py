@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import zoo
-from tests.helpers import randomize_, rel_err
+from zoo.testing import randomize_, rel_err
 from zoo.models.efficientvit import _bias_index
 from zoo.models.layers import DeployConv2d
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import zoo
-from tests.helpers import randomize_, rel_err
+from zoo.testing import randomize_, rel_err
 
 
 def test_generic_fallback_folds_adjacent_conv_bn_only():

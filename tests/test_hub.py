@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import zoo
-from tests.helpers import randomize_
+from zoo.testing import randomize_
 from tests.test_efficientvit import official_index, to_official
 from zoo import hub, registry
 from zoo.hub import WeightEntry
