@@ -38,37 +38,29 @@ into a dense ``[N, N]`` tensor. Same outputs (to float rounding), no BatchNorm, 
 """
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import SqueezeExcite, resize_rel_pos_bias_table_levit
+from timm.layers import SqueezeExcite
 
 from zoo.errors import ConfigError
 from zoo.hub import WeightEntry
-from zoo.models.layers import ConvNorm, NormLinear, Residual, fuse_modules, use_deploy_kernels
+from zoo.models.layers import (
+    ConvNorm,
+    NormLinear,
+    Residual,
+    bias_index,
+    densify_bias,
+    fuse_modules,
+    resize_bias_tables,
+    use_deploy_kernels,
+)
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Metric, ModelCard, Paper, register_model
 
 __all__ = ["EfficientVit", "convert_official", "convert_timm"]
-
-
-def _bias_index(resolution: int) -> torch.Tensor:
-    """``[N, N]`` index of each (query, key) pair's |offset| in the bias table, N = resolution^2.
-
-    Offsets are numbered in order of first appearance over row-major point pairs, as the
-    official code does, so the table has ``resolution^2`` entries.
-    """
-    points = list(itertools.product(range(resolution), range(resolution)))
-    offsets: dict[tuple[int, int], int] = {}
-    idxs = []
-    for p1 in points:
-        for p2 in points:
-            off = (abs(p1[0] - p2[0]), abs(p1[1] - p2[1]))
-            idxs.append(offsets.setdefault(off, len(offsets)))
-    return torch.tensor(idxs, dtype=torch.long).view(len(points), len(points))
 
 
 class ConvMlp(nn.Module):
@@ -118,7 +110,7 @@ class CascadedGroupAttention(nn.Module):
         )
         self.proj = nn.Sequential(nn.ReLU(), ConvNorm(self.val_dim * num_heads, dim, bn_weight_init=0.0))
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, resolution * resolution))
-        self.register_buffer("attention_bias_idxs", _bias_index(resolution), persistent=False)
+        self.register_buffer("attention_bias_idxs", bias_index(resolution), persistent=False)
         self.deployed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,9 +157,7 @@ class CascadedGroupAttention(nn.Module):
         for dw in self.dws:
             dw.weight.mul_(self.scale)
             dw.bias.mul_(self.scale)
-        dense = self.attention_biases[:, self.attention_bias_idxs].detach().clone()
-        del self.attention_biases
-        self.register_buffer("attention_bias_dense", dense)
+        densify_bias(self)
         self.deployed = True
         return self
 
@@ -464,20 +454,9 @@ class EfficientVit(nn.Module):
 
 
 def _resize_biases(sd: dict, model: nn.Module) -> dict:
-    """Resize attention bias tables whose window differs from the model's.
-
-    A table ``[heads, R*R]`` is a grid over the absolute offsets ``(|dy|, |dx|)`` in row-major
-    order; it is resampled as an ``R x R`` image to the new window's grid with bicubic
-    interpolation, ``antialias=True``, ``align_corners=False`` (timm's
-    ``resize_rel_pos_bias_table_levit``, after TinyViT).
-    """
-    target = model.state_dict()
-    for k, v in list(sd.items()):
-        t = target.get(k)
-        if k.endswith("attention_biases") and t is not None and v.ndim == 2 and v.shape[0] == t.shape[0] != 0 \
-                and v.shape != t.shape:  # same heads, other window: resize; anything else is reported as a mismatch
-            sd[k] = resize_rel_pos_bias_table_levit(v.T, t.shape[::-1]).T.contiguous()
-    return sd
+    """Resize bias tables whose window differs from the model's: bicubic over the offset grid
+    with ``antialias=True`` (timm's ``resize_rel_pos_bias_table_levit``, after TinyViT)."""
+    return resize_bias_tables(sd, model, antialias=True)
 
 
 def convert_timm(sd: dict, model: nn.Module) -> dict:

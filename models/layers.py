@@ -15,6 +15,10 @@ from timm.layers import DropPath, trunc_normal_
 
 __all__ = [
     "ConvNorm",
+    "bias_index",
+    "resize_bias_tables",
+    "densify_bias",
+    "fold_scale_into_out_channels",
     "DeployConv2d",
     "use_deploy_kernels",
     "NormLinear",
@@ -23,6 +27,8 @@ __all__ = [
     "fuse_bn_linear",
     "fold_identity_into_dwconv",
     "fuse_modules",
+    "ChannelAffine",
+    "mul_add",
 ]
 
 
@@ -85,9 +91,12 @@ def fold_identity_into_dwconv(conv: nn.Conv2d) -> nn.Conv2d | None:
 
 
 class ConvNorm(nn.Sequential):
-    """Conv2d (no bias) followed by BatchNorm2d. Keys: ``conv.*``, ``bn.*``.
+    """Conv2d followed by BatchNorm2d, and optionally an activation. Keys: ``conv.*``, ``bn.*``
+    (timm's ``ConvNorm`` / ``ConvNormAct`` names).
 
+    bias: give the conv a bias (EfficientFormer does; EfficientViT does not).
     bn_weight_init: initial BN gamma; 0 makes a residual branch start as the identity.
+    act_layer: activation class applied after the BN (child ``act``), or None.
     """
 
     def __init__(
@@ -100,15 +109,39 @@ class ConvNorm(nn.Sequential):
         dilation: int = 1,
         groups: int = 1,
         bn_weight_init: float = 1.0,
+        bias: bool = False,
+        act_layer: type[nn.Module] | None = None,
     ):
         super().__init__()
-        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups, bias=False)
+        self.conv = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, dilation, groups, bias=bias)
         self.bn = nn.BatchNorm2d(out_chs)
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
+        if act_layer is not None:
+            self.act = act_layer()
 
-    def fuse(self) -> nn.Conv2d:
-        return fuse_conv_bn(self.conv, self.bn)
+    def fuse(self) -> nn.Module:
+        conv = fuse_conv_bn(self.conv, self.bn)
+        return nn.Sequential(conv, self.act) if hasattr(self, "act") else conv
+
+
+class ChannelAffine(nn.Module):
+    """``x * scale + shift`` per channel of ``[B, C, H, W]``: an eval-mode BatchNorm2d with
+    nothing to fold into (e.g. after a residual sum), as one op and no running statistics."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor):
+        super().__init__()
+        self.register_buffer("scale", scale.detach().reshape(1, -1, 1, 1).clone())
+        self.register_buffer("shift", shift.detach().reshape(1, -1, 1, 1).clone())
+
+    @classmethod
+    @torch.no_grad()
+    def from_bn(cls, bn: nn.BatchNorm2d) -> "ChannelAffine":
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        return cls(scale, bn.bias - bn.running_mean * scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mul_add(self.shift, x, self.scale)
 
 
 class NormLinear(nn.Sequential):
@@ -149,6 +182,74 @@ class Residual(nn.Module):
         return self
 
 
+@torch.no_grad()
+def fold_scale_into_out_channels(layer: nn.Module, scale: torch.Tensor) -> None:
+    """Make a Conv2d/Linear compute ``scale * layer(x)`` (``scale`` per output channel), in place.
+
+    Used to absorb a layer scale (or the attention scale) that follows a fused projection.
+    """
+    shape = (-1,) + (1,) * (layer.weight.dim() - 1)
+    layer.weight.mul_(scale.reshape(shape))
+    if layer.bias is not None:
+        layer.bias.mul_(scale.reshape(-1))
+
+
+def bias_index(resolution: int | tuple[int, int], query_stride: int = 1) -> torch.Tensor:
+    """``[Nq, Nk]`` index of each (query, key) pair's absolute offset in a LeViT-style bias table.
+
+    Keys sit on the ``H x W`` grid (``resolution``), queries on every `query_stride`-th point
+    of it (EfficientFormerV2's downsampling attention uses 2). The offset ``(|dy|, |dx|)`` is
+    numbered ``|dy| * W + |dx|``, so the table has ``H * W`` entries. The official codes number
+    offsets in order of first appearance over row-major point pairs; the first query, at the
+    origin, meets every offset in exactly this row-major order, so the two agree.
+    """
+    h, w = (resolution, resolution) if isinstance(resolution, int) else resolution
+    k = torch.stack(torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")).flatten(1)
+    q = torch.stack(
+        torch.meshgrid(torch.arange(0, h, query_stride), torch.arange(0, w, query_stride), indexing="ij")
+    ).flatten(1)
+    off = (q[:, :, None] - k[:, None, :]).abs()
+    return off[0] * w + off[1]
+
+
+def resize_bias_tables(sd: dict, model: nn.Module, antialias: bool) -> dict:
+    """Resize the ``*attention_biases`` tables of `sd` whose grid differs from `model`'s.
+
+    A table ``[heads, R*R]`` is a grid over the absolute offsets ``(|dy|, |dx|)`` in row-major
+    order (`bias_index`); it is resampled as an ``R x R`` image per head to the model's grid by
+    bicubic interpolation with ``align_corners=False`` (`antialias` as the family's reference
+    code does). Tables with another number of heads are left for the loader to report.
+    """
+    target = model.state_dict()
+    for k, v in list(sd.items()):
+        t = target.get(k)
+        if not (k.endswith("attention_biases") and t is not None and v.ndim == 2 and t.ndim == 2):
+            continue
+        if v.shape == t.shape or v.shape[0] != t.shape[0]:
+            continue
+        src, dst = round(v.shape[1] ** 0.5), round(t.shape[1] ** 0.5)
+        if src * src != v.shape[1] or dst * dst != t.shape[1]:
+            continue
+        img = v.detach().float().reshape(1, v.shape[0], src, src)
+        out = F.interpolate(img, size=(dst, dst), mode="bicubic", align_corners=False, antialias=antialias)
+        sd[k] = out.reshape(t.shape).to(v.dtype).contiguous()
+    return sd
+
+
+@torch.no_grad()
+def densify_bias(module: nn.Module) -> None:
+    """Replace ``module.attention_biases[:, module.attention_bias_idxs]`` by a precomputed buffer.
+
+    The table parameter and its index go; ``attention_bias_dense`` (``[heads, Nq, Nk]``) stays,
+    so inference does one add instead of a gather per call.
+    """
+    dense = module.attention_biases[:, module.attention_bias_idxs].detach().clone()
+    del module.attention_biases
+    if "attention_bias_idxs" in module._buffers:
+        del module._buffers["attention_bias_idxs"]
+    module.register_buffer("attention_bias_dense", dense)
+
+
 def fuse_modules(module: nn.Module) -> nn.Module:
     """Replace, children first, every submodule that has ``fuse()`` by what it returns."""
     for name, child in list(module.named_children()):
@@ -162,6 +263,12 @@ def fuse_modules(module: nn.Module) -> nn.Module:
 def _graph_capture() -> bool:
     """True while tracing, scripting, compiling or exporting: then only standard ops are used."""
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+
+
+def mul_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``a + b * c``: one fused ``addcmul`` in eager mode; plain mul and add in captured graphs,
+    because CoreML has no ``addcmul``."""
+    return a + b * c if _graph_capture() else torch.addcmul(a, b, c)
 
 
 class DeployConv2d(nn.Conv2d):
@@ -184,6 +291,8 @@ class DeployConv2d(nn.Conv2d):
 
     dense_max_tokens = 49
     dense_max_bytes = 256 << 10
+    matmul_max_macs = 8_000_000
+    matmul_max_input = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dim() != 4 or _graph_capture() or (
@@ -191,7 +300,8 @@ class DeployConv2d(nn.Conv2d):
         ):
             return super().forward(x)
         b, c, h, w = x.shape
-        if self.kernel_size == (1, 1) and self.groups == 1 and self.stride == (1, 1) and self.padding == (0, 0):
+        if self.kernel_size == (1, 1) and self.groups == 1 and self.stride == (1, 1) and self.padding == (0, 0) \
+                and (c * self.out_channels * h * w <= self.matmul_max_macs or c * h * w <= self.matmul_max_input):
             weight = self.weight.view(self.out_channels, c)
             if b == 1:
                 y = torch.addmm(self.bias.view(-1, 1), weight, x.view(c, h * w)) if self.bias is not None else weight @ x.view(c, h * w)

@@ -10,8 +10,7 @@ from safetensors.torch import save_file
 
 import zoo
 from zoo.testing import randomize_, rel_err
-from zoo.models.efficientvit import _bias_index
-from zoo.models.layers import DeployConv2d
+from zoo.models.layers import DeployConv2d, bias_index
 
 VARIANTS = [f"m{i}" for i in range(6)]
 
@@ -104,8 +103,8 @@ def test_params_and_macs_within_2_percent_of_the_paper(variant):
 
 
 def test_bias_index_matches_the_official_construction():
-    for res in (4, 7):
-        assert torch.equal(_bias_index(res), official_index(res))
+    for res in (1, 4, 7, 9):
+        assert torch.equal(bias_index(res), official_index(res))
 
 
 def test_deploy_form_drops_bias_tables_and_keeps_outputs_in_grad_mode_too():

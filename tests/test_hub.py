@@ -238,3 +238,21 @@ def test_no_network_is_a_clear_error(monkeypatch, zoo_home):
 def test_unknown_tag(monkeypatch):
     with pytest.raises(zoo.UnknownModelError, match="r224_in1k"):
         zoo.create_model(NAME, pretrained="r224_in1kk")
+
+
+def test_manual_source_says_where_to_save_and_uses_the_file_once_there(reference, monkeypatch, zoo_home):
+    """Google Drive releases cannot be fetched by a program: the error is the instructions."""
+    sd, x, y = reference
+    entry = WeightEntry("drive", "manual:https://drive.google.com/file/d/abc/view", filename="m0.pth", layout="timm")
+    _with_entry(monkeypatch, entry)
+    dest = zoo_home / "weights" / NAME / "drive" / "m0.pth"
+    with pytest.raises(zoo.WeightsError) as e:
+        zoo.create_model(NAME, pretrained=True)
+    assert "https://drive.google.com/file/d/abc/view" in str(e.value) and str(dest) in str(e.value)
+    assert not dest.parent.exists()
+    dest.parent.mkdir(parents=True)
+    torch.save(sd, dest)
+    with torch.no_grad():
+        assert torch.equal(zoo.create_model(NAME, pretrained=True)(x), y)
+    with pytest.raises(ValueError, match="filename"):
+        WeightEntry("drive", "manual:https://example.org/page")

@@ -56,7 +56,9 @@ class WeightEntry:
     """One downloadable (or shipped) set of weights for a registered model.
 
     source: ``https://...`` (or ``http://``), ``hf-hub:<org>/<repo>`` (with `filename`),
-        ``package:<zoo subpackage>/<relative path>``, or a local filesystem path.
+        ``package:<zoo subpackage>/<relative path>``, ``manual:<page URL>`` (with `filename`:
+        a file only a person can download, e.g. from Google Drive; the cache is checked and
+        otherwise the error says where to save it), or a local filesystem path.
     filename: the file inside a hub repo; for URLs it defaults to the URL's last part.
     sha256: hex digest, checked after download and before use when given.
     format: ``safetensors`` or ``pytorch`` (a ``torch.save`` file).
@@ -77,8 +79,8 @@ class WeightEntry:
             raise ValueError(f"weight format {self.format!r} is not one of {FORMATS}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"weight layout {self.layout!r} is not one of {LAYOUTS}")
-        if self.kind == "hf" and not self.filename:
-            raise ValueError(f"hf-hub weight entry {self.tag!r} needs a filename")
+        if self.kind in ("hf", "manual") and not self.filename:
+            raise ValueError(f"{self.kind} weight entry {self.tag!r} needs a filename")
 
     @property
     def kind(self) -> str:
@@ -88,6 +90,8 @@ class WeightEntry:
             return "hf"
         if self.source.startswith("package:"):
             return "package"
+        if self.source.startswith("manual:"):
+            return "manual"
         return "local"
 
     @property
@@ -127,6 +131,8 @@ def cached_path(model_name: str, entry: WeightEntry) -> Path:
 def _origin(entry: WeightEntry) -> str:
     if entry.kind == "hf":
         return f"https://huggingface.co/{entry.source[len('hf-hub:'):]} (file {entry.filename})"
+    if entry.kind == "manual":
+        return entry.source[len("manual:"):]
     return entry.source
 
 
@@ -154,6 +160,12 @@ def fetch(model_name: str, entry: WeightEntry, progress: bool = True) -> Path:
             return dest
         # A cached file with the wrong digest is never used; fetch it again if we can.
         dest.unlink()
+    if entry.kind == "manual":
+        raise WeightsError(
+            f"weights {model_name}:{entry.tag} cannot be downloaded automatically (the host needs a browser). "
+            f"Open {_origin(entry)}, download {entry.file_name} and put it at {dest}, "
+            f"or pass its path as pretrained=<path>."
+        )
     if is_offline():
         raise WeightsError(
             f"weights {model_name}:{entry.tag} are not in the cache and downloads are off "

@@ -1,6 +1,9 @@
-"""CPU batch-1 latency: zoo EfficientViT deploy form against timm's eager model, same run.
+"""CPU batch-1 latency: a zoo model's deploy form against timm's eager model, same run.
 
-    .venv/bin/python benchmarks/efficientvit_cpu.py [--threads 2] [--reps 200] [m0 m1 ...]
+    .venv/bin/python benchmarks/cpu_latency.py [--threads 2] [--reps 200] [NAME_OR_FAMILY ...]
+
+Names are zoo model names, which are also timm's; a family name (``efficientvit``,
+``efficientformer``) stands for all its models. Default: every model timm also has.
 
 Both models get the same random weights (timm's init, BatchNorm statistics randomised),
 outputs are checked to agree, and the two are timed interleaved (one call of each per round,
@@ -29,16 +32,17 @@ def timed(fn, x) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("variants", nargs="*", default=[f"m{i}" for i in range(6)])
+    p.add_argument("names", nargs="*", default=["efficientvit", "efficientformer"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, timm {timm.__version__}, threads {args.threads}, batch 1, 224x224, fp32")
-    print(f"{'model':<16}{'timm eager ms':>15}{'zoo deploy ms':>15}{'zoo/timm':>10}{'p90 timm':>10}{'p90 zoo':>10}")
-    for v in args.variants:
-        name = f"efficientvit_{v}"
+    print(f"{'model':<22}{'timm eager ms':>15}{'zoo deploy ms':>15}{'zoo/timm':>10}{'p90 timm':>10}{'p90 zoo':>10}")
+    names = [n for arg in args.names for n in (zoo.list_models(family=arg) or [arg])]
+    reps = args.reps
+    for name in names:
         ref = timm.create_model(name).eval()
         randomize_(ref, scale=0.1)
         ours = zoo.create_model(name)
@@ -56,7 +60,7 @@ def main() -> None:
                     sink.append(timed(fn, x))
         q = lambda ts, f: sorted(ts)[int(f * (len(ts) - 1))] * 1e3  # noqa: E731
         a, b = statistics.median(t_ref) * 1e3, statistics.median(t_ours) * 1e3
-        print(f"{name:<16}{a:>15.2f}{b:>15.2f}{b / a:>10.2f}{q(t_ref, .9):>10.2f}{q(t_ours, .9):>10.2f}   (max rel diff {err:.1e})")
+        print(f"{name:<22}{a:>15.2f}{b:>15.2f}{b / a:>10.2f}{q(t_ref, .9):>10.2f}{q(t_ours, .9):>10.2f}   (max rel diff {err:.1e})")
 
 
 if __name__ == "__main__":

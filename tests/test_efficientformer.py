@@ -1,0 +1,315 @@
+"""EfficientFormer L1/L3/L7 and V2 S0/S1/S2/L: same weights in, same outputs out as timm;
+official layouts; deploy form; other input sizes; export."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import zoo
+from zoo.models.layers import bias_index
+from zoo.testing import randomize_, rel_err
+
+V1 = ["efficientformer_l1", "efficientformer_l3", "efficientformer_l7"]
+V2 = ["efficientformerv2_s0", "efficientformerv2_s1", "efficientformerv2_s2", "efficientformerv2_l"]
+ALL = V1 + V2
+
+# The papers' tables (arXiv 2206.01191 Table 1, 2212.08059 Table 2): params (M), GMACs.
+PAPER = {
+    "efficientformer_l1": (12.3, 1.3), "efficientformer_l3": (31.4, 3.9), "efficientformer_l7": (82.2, 10.2),
+    "efficientformerv2_s0": (3.6, 0.40), "efficientformerv2_s1": (6.2, 0.65),
+    "efficientformerv2_s2": (12.7, 1.25), "efficientformerv2_l": (26.3, 2.56),
+}
+
+
+def official_downsample_index(res: int) -> torch.Tensor:
+    """``Attention4DDownsample``'s index as the official code builds it (dict of first appearance)."""
+    res2 = math.ceil(res / 2)
+    step = math.ceil(res / res2)
+    seen: dict = {}
+    return torch.tensor([
+        [seen.setdefault((abs(p[0] * step - q[0]), abs(p[1] * step - q[1])), len(seen))
+         for q in itertools.product(range(res), range(res))]
+        for p in itertools.product(range(res2), range(res2))
+    ])
+
+
+def v1_to_official(sd: dict) -> dict:
+    """Write a timm-layout EfficientFormer (V1) state dict as the official release does."""
+    stem = {"conv1": "0", "norm1": "1", "conv2": "3", "norm2": "4"}
+    out = {}
+    for key, v in sd.items():
+        p = key.split(".")
+        if p[0] == "stem":
+            p = ["patch_embed", stem[p[1]], p[2]]
+        elif p[0] == "stages":
+            i = int(p[1])
+            if p[2] == "downsample":
+                p = ["network", str(2 * i - 1), {"conv": "proj", "norm": "norm"}[p[3]], p[4]]
+            else:
+                p = ["network", str(2 * i)] + p[3:]
+            if p[-1] == "gamma":
+                p = p[:-2] + [f"layer_scale_{p[-2][-1]}"]
+        elif p[0] == "head_dist":
+            p[0] = "dist_head"
+        out[".".join(p)] = v.clone()
+    return {"model": out}
+
+
+def v2_to_official(sd: dict) -> dict:
+    """Write a timm-layout EfficientFormerV2 state dict as the official release does."""
+    stem = {("conv1", "conv"): "0", ("conv1", "bn"): "1", ("conv2", "conv"): "3", ("conv2", "bn"): "4"}
+    seq = {"conv": "0", "bn": "1"}
+    mlp = {("fc1", "conv"): "fc1", ("fc1", "bn"): "norm1", ("mid", "conv"): "mid", ("mid", "bn"): "mid_norm",
+           ("fc2", "conv"): "fc2", ("fc2", "bn"): "norm2"}
+
+    def attention(p: list[str]) -> list[str]:
+        if p[0] == "q" and p[1] == "local":
+            return ["q", "local", "0", p[-1]]
+        if p[0] == "q" and p[1] == "proj":
+            return ["q", "proj", seq[p[2]], p[-1]]
+        if p[0] == "proj":
+            return ["proj", {"conv": "1", "bn": "2"}[p[1]], p[-1]]
+        if p[0] in ("q", "k", "v", "v_local", "stride_conv"):
+            return [p[0], seq[p[1]], p[-1]]
+        return p
+
+    out = {}
+    for key, v in sd.items():
+        p = key.split(".")
+        v = v.clone()
+        if p[0] == "stem":
+            p = ["patch_embed", stem[(p[1], p[2])], p[3]]
+        elif p[0] == "stages":
+            i = int(p[1])
+            if p[2] == "downsample":
+                net = ["network", str(2 * i - 1)]
+                if p[3] == "conv":
+                    names = ("conv", "bn") if i == 3 else ("proj", "norm")
+                    p = net + [names[p[4] == "bn"], p[5]]
+                else:
+                    p = net + ["attn"] + attention(p[4:])
+            else:
+                net = ["network", str(2 * i), p[3]]
+                rest = p[4:]
+                if rest[-1] == "gamma":
+                    p, v = net + [f"layer_scale_{rest[0][-1]}"], v.view(-1, 1, 1)
+                elif rest[0] == "mlp":
+                    p = net + ["mlp", mlp[(rest[1], rest[2])], rest[-1]]
+                else:
+                    p = net + ["token_mixer"] + attention(rest[1:])
+        elif p[0] == "head_dist":
+            p[0] = "dist_head"
+        out[".".join(p)] = v
+    # the official modules keep their bias index as a persistent buffer
+    for k in [k for k in out if k.endswith("attention_biases")]:
+        n = out[k].shape[1]
+        res = round(n**0.5)
+        idx = official_downsample_index(res) if ".attn." in k else bias_index(res)
+        out[k.replace("attention_biases", "attention_bias_idxs")] = idx
+    return {"model": out}
+
+
+def to_official(name: str, sd: dict) -> dict:
+    return v1_to_official(sd) if name in V1 else v2_to_official(sd)
+
+
+@pytest.fixture(scope="module")
+def timm_models():
+    """Each variant in timm with random weights, BN statistics, layer scales and attention biases."""
+    return {n: randomize_(timm.create_model(n).eval(), seed=i, scale=0.1) for i, n in enumerate(ALL)}
+
+
+def test_official_layout_keys_match_the_official_module_trees(timm_models):
+    v1 = set(to_official("efficientformer_l1", timm_models["efficientformer_l1"].state_dict())["model"])
+    # Read off models/efficientformer.py: stem Sequential, network ModuleList (stages and Embeddings),
+    # L1's last stage = 3 Meta4D, Flat (index 3), 1 Meta3D (index 4).
+    for k in ["patch_embed.0.weight", "patch_embed.4.running_mean", "network.0.0.mlp.fc1.weight",
+              "network.0.0.mlp.norm2.weight", "network.0.0.layer_scale_1", "network.1.proj.weight",
+              "network.1.norm.running_var", "network.6.4.token_mixer.qkv.weight",
+              "network.6.4.token_mixer.attention_bias_idxs", "network.6.4.norm1.weight", "network.6.4.mlp.fc2.bias",
+              "network.6.4.layer_scale_2", "dist_head.bias", "norm.weight"]:
+        assert k in v1, k
+    v2 = set(to_official("efficientformerv2_s0", timm_models["efficientformerv2_s0"].state_dict())["model"])
+    # Read off models/efficientformer_v2.py (S0: stage 3 has 6 blocks, the last 2 with attention).
+    for k in ["patch_embed.0.weight", "patch_embed.1.running_var", "network.0.0.mlp.fc1.weight",
+              "network.0.0.mlp.mid_norm.running_var", "network.0.0.layer_scale_2", "network.1.proj.weight",
+              "network.1.norm.bias", "network.4.5.token_mixer.stride_conv.0.weight",
+              "network.4.5.token_mixer.talking_head1.weight", "network.4.5.token_mixer.proj.1.weight",
+              "network.4.5.token_mixer.attention_bias_idxs", "network.4.5.layer_scale_1",
+              "network.5.attn.q.local.0.weight", "network.5.attn.q.proj.1.running_mean", "network.5.conv.weight",
+              "network.5.bn.weight", "network.5.attn.proj.2.bias", "network.6.3.token_mixer.v_local.1.weight",
+              "dist_head.weight", "norm.running_var"]:
+        assert k in v2, k
+    assert "network.4.3.token_mixer.q.0.weight" not in v2  # block 3 of 6 has no attention
+
+
+def test_downsample_bias_index_matches_the_official_construction():
+    for res in (1, 4, 7, 8, 14, 15):
+        assert torch.equal(bias_index(res, query_stride=2), official_downsample_index(res))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_same_weights_same_outputs_as_timm_in_both_layouts_and_deployed(name, timm_models, tmp_path):
+    ref = timm_models[name]
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(x)
+    timm_file = tmp_path / "timm.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, timm_file)
+    official_file = tmp_path / "official.pth"
+    torch.save(to_official(name, ref.state_dict()), official_file)
+    for path in (timm_file, official_file):
+        model = zoo.create_model(name, pretrained=str(path))
+        with torch.no_grad():
+            assert rel_err(model(x), expected) < 1e-5, path.name
+    deployed = zoo.export.reparameterize(model)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in deployed.modules())
+    assert not any(n.endswith("attention_biases") for n, _ in deployed.named_parameters())
+    with torch.inference_mode():
+        assert rel_err(deployed(x), expected) < 1e-5
+        assert rel_err(deployed(x[:1]), expected[:1]) < 1e-5
+    with torch.no_grad():  # the plain conv path (what tracing and export see)
+        assert rel_err(deployed(x), expected) < 1e-5
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_params_and_macs_within_2_percent_of_the_paper(name):
+    cx = zoo.complexity(name)
+    params, gmacs = PAPER[name]
+    assert abs(cx["params"] / 1e6 - params) / params < 0.02
+    assert abs(cx["macs"] / 1e9 - gmacs) / gmacs < 0.02
+    assert cx["params"] == sum(p.numel() for p in zoo.create_model(name).parameters())
+
+
+@pytest.mark.parametrize("name, tables", [
+    # (module path, heads, grid at 224, grid at 256)
+    ("efficientformer_l1", [("stages.3.blocks.4.token_mixer", 8, 7, 8)]),
+    ("efficientformerv2_s0", [("stages.2.blocks.5.token_mixer", 8, 7, 8), ("stages.3.downsample.attn", 8, 14, 16),
+                              ("stages.3.blocks.3.token_mixer", 8, 7, 8)]),
+])
+def test_weights_at_224_load_into_a_256_model_with_bicubic_resized_tables(name, tables, timm_models, tmp_path):
+    ref = timm_models[name]
+    path = tmp_path / "w.pth"
+    torch.save(to_official(name, ref.state_dict()), path)
+    model = zoo.create_model(name, pretrained=str(path), img_size=256)
+    for mod, heads, src, dst in tables:
+        got = model.get_submodule(mod).attention_biases
+        table = ref.get_submodule(mod).attention_biases.detach()
+        assert table.shape == (heads, src * src) and got.shape == (heads, dst * dst)
+        # The docstring's promise: the [heads, R, R] offset grid resized bicubically, align_corners=False,
+        # no antialiasing, as the official detection backbone interpolates.
+        expected = F.interpolate(table.view(1, heads, src, src), size=(dst, dst), mode="bicubic", align_corners=False)
+        assert torch.allclose(got, expected.view(heads, -1), atol=1e-6)
+    # tables are not the only state that moves: everything else is copied as it is
+    assert torch.equal(model.stem.state_dict()[next(iter(model.stem.state_dict()))],
+                       ref.stem.state_dict()[next(iter(ref.stem.state_dict()))])
+    x = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (1, 1000) and torch.isfinite(y).all()
+    with torch.inference_mode():
+        assert rel_err(zoo.export.reparameterize(model)(x), y) < 1e-5
+
+
+def test_bad_sizes_and_configs_are_clear_errors():
+    with pytest.raises(zoo.ConfigError, match="multiple of 32"):
+        zoo.create_model("efficientformerv2_s0", img_size=240)  # stage 3 grid 15: stride-2 attention cannot undo
+    with pytest.raises(zoo.ConfigError, match="img_size=256"):
+        zoo.create_model("efficientformer_l1")(torch.randn(1, 3, 256, 256))
+    with pytest.raises(zoo.ConfigError, match="num_vit"):
+        zoo.create_model("efficientformer_l1", num_vit=5)
+    with pytest.raises(zoo.ConfigError, match="MLP ratios"):
+        zoo.create_model("efficientformerv2_s0", mlp_ratios=(4, 4, (4, 4), 4))
+
+
+def test_sub_networks_from_the_same_classes():
+    """Slimming builds sub-networks by arguments: widths, depths, num_vit, MLP ratios."""
+    v1 = zoo.create_model("efficientformer_l1", depths=(1, 1, 2, 2), embed_dims=(16, 32, 48, 64), num_vit=2,
+                          mlp_ratios=2.0, num_classes=5, img_size=128)
+    assert v1(torch.randn(2, 3, 128, 128)).shape == (2, 5)
+    assert sum(type(b).__name__ == "MetaBlock1d" for b in v1.stages[3].blocks) == 2
+    v1_conv_only = zoo.create_model("efficientformer_l1", num_vit=0, num_classes=3)
+    x = torch.randn(1, 3, 224, 224)
+    assert v1_conv_only(x).shape == (1, 3)
+    v2 = zoo.create_model("efficientformerv2_s0", depths=(1, 1, 3, 2), embed_dims=(16, 24, 32, 48), num_vit=1,
+                          mlp_ratios=(2, 2, (2, 3, 4), (4, 2)), num_classes=4)
+    assert v2(x).shape == (1, 4)
+    assert [b.token_mixer is not None for b in v2.stages[2].blocks] == [False, False, True]
+    for m in (v1, v1_conv_only, v2):
+        randomize_(m, scale=0.1).eval()
+        inp = torch.randn(1, 3, m.img_size, m.img_size)
+        with torch.no_grad():
+            ref = m(inp)
+        with torch.inference_mode():
+            assert rel_err(zoo.export.reparameterize(m)(inp), ref) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["efficientformer_l1", "efficientformerv2_s0"])
+def test_timm_interface_distillation_and_training_parts(name):
+    from timm.data import resolve_data_config
+    from timm.optim import create_optimizer_v2
+
+    model = zoo.create_model(name, num_classes=10, drop_path_rate=0.1)
+    cfg = resolve_data_config(model=model)
+    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.95
+    x = torch.randn(2, 3, 224, 224)
+    head, dist = model.get_classifier()
+    assert head.out_features == dist.out_features == 10
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.num_features)
+    randomize_(model)
+    model.train()
+    model.set_distilled_training(True)
+    cls, dst = model(x)
+    assert cls.shape == dst.shape == (2, 10) and not torch.allclose(cls, dst)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), (model.head(model.forward_head(model.forward_features(x), True))
+                                         + model.head_dist(model.forward_head(model.forward_features(x), True))) / 2)
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3) and model.num_classes == 3
+    opt = create_optimizer_v2(model, "adamw", lr=1e-3, weight_decay=0.05)
+    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    biases = [p for n, p in model.named_parameters() if n.endswith("attention_biases")]
+    assert biases and all(id(p) in no_decay for p in biases)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_onnx_export_matches_onnxruntime_with_dynamic_batch(name, tmp_path):
+    import onnxruntime as ort
+
+    model = zoo.export.reparameterize(randomize_(zoo.create_model(name), scale=0.1))
+    path = tmp_path / f"{name}.onnx"
+    x2 = torch.randn(2, 3, 224, 224)
+    torch.onnx.export(model, (x2,), path, opset_version=18, dynamo=True, input_names=["x"], output_names=["logits"],
+                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},), external_data=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for b in (1, 3):
+        x = torch.randn(b, 3, 224, 224)
+        with torch.no_grad():
+            ref = model(x)
+        got = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+        assert got.shape == (b, 1000) and rel_err(got, ref) < 1e-4, b
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_coreml_conversion(name):
+    ct = pytest.importorskip("coremltools")
+    model = zoo.export.reparameterize(zoo.create_model(name))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        graph = torch.export.export(model, (x,)).run_decompositions({})
+    ml = ct.convert(graph, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16,
+                    compute_precision=ct.precision.FLOAT16)
+    spec = ml.get_spec()
+    assert list(spec.description.input[0].type.multiArrayType.shape) == [1, 3, 224, 224]
+    assert list(spec.description.output[0].type.multiArrayType.shape) == [1, 1000]
+    block = next(iter(spec.mlProgram.functions["main"].block_specializations.values()))
+    ops = {op.type for op in block.operations}
+    assert {"conv", "softmax", "matmul"} <= ops
+    assert not any("cubic" in t for t in ops)  # bias tables are resized at load, never in the graph
