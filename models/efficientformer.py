@@ -54,6 +54,8 @@ from zoo.models.layers import (
     densify_bias,
     fold_scale_into_out_channels,
     fuse_conv_bn,
+    add_,
+    can_write_inplace,
     fuse_modules,
     mul_add,
     resize_bias_tables,
@@ -175,8 +177,12 @@ class MetaBlock2d(nn.Module):
         if self.deployed:
             # x + g * (pool(x) - x) == (1 - g) * x + g/k^2 * boxsum(x) * k^2/count, the box sum a
             # depthwise conv (several times faster than avg_pool2d on the CPU).
-            x = mul_add(x * self.keep, self.pool_conv(x), self._recount(x))
-            return x + self.mlp(x)
+            q = self.pool_conv(x)
+            if can_write_inplace(q):
+                x = q.mul_(self._recount(x)).addcmul_(x, self.keep)
+            else:
+                x = mul_add(x * self.keep, q, self._recount(x))
+            return add_(self.mlp(x), x)
         x = x + self.drop_path1(self.ls1(self.token_mixer(x)))
         return x + self.drop_path2(self.ls2(self.mlp(x)))
 

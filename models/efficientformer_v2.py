@@ -56,6 +56,7 @@ from zoo.hub import WeightEntry
 from zoo.models.efficientformer import merge_heads
 from zoo.models.layers import (
     ChannelAffine,
+    add_,
     ConvNorm,
     bias_index,
     densify_bias,
@@ -292,8 +293,8 @@ class EfficientFormerV2Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.token_mixer is not None:
-            x = x + self.drop_path1(self.ls1(self.token_mixer(x)))
-        return x + self.drop_path2(self.ls2(self.mlp(x)))
+            x = add_(self.drop_path1(self.ls1(self.token_mixer(x))), x)
+        return add_(self.drop_path2(self.ls2(self.mlp(x))), x)
 
     @torch.no_grad()
     def fuse(self) -> "EfficientFormerV2Block":

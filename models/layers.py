@@ -29,6 +29,9 @@ __all__ = [
     "fuse_modules",
     "ChannelAffine",
     "mul_add",
+    "add_",
+    "can_write_inplace",
+    "DeployGELU",
 ]
 
 
@@ -265,6 +268,27 @@ def _graph_capture() -> bool:
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
+def can_write_inplace(t: torch.Tensor) -> bool:
+    """True when eager inference may overwrite `t` (a fresh intermediate): no graph capture and
+    no autograd history to keep. Deploy forms use it to allocate fewer large buffers, which on
+    the CPU costs page faults (PyTorch's CPU allocator does not cache)."""
+    return not _graph_capture() and not (torch.is_grad_enabled() and t.requires_grad)
+
+
+def add_(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x + branch``, written into `branch` (a fresh intermediate) when `can_write_inplace`."""
+    return branch.add_(x) if can_write_inplace(branch) and branch.shape == x.shape else x + branch
+
+
+class DeployGELU(nn.GELU):
+    """`nn.GELU` that overwrites its input (a fresh intermediate) in eager inference."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if can_write_inplace(x):
+            return torch._C._nn.gelu_(x, approximate=self.approximate)
+        return super().forward(x)
+
+
 def mul_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``a + b * c``: one fused ``addcmul`` in eager mode; plain mul and add in captured graphs,
     because CoreML has no ``addcmul``."""
@@ -278,7 +302,11 @@ class DeployConv2d(nn.Conv2d):
     layout reorders whatever the arithmetic (measured on 2 cores: a 5x5 depthwise conv on a
     4x4 grid, 46 us). In eager inference on the CPU this module instead computes
 
-    - a 1x1, stride-1, ungrouped conv as one matrix product (``[Co, Ci] @ [B, Ci, H*W]``);
+    - a 1x1, stride-1, ungrouped conv as one matrix product (``[Co, Ci] @ [B, Ci, H*W]``)
+      when it is small: at most `matmul_max_macs` multiply-adds per image, or an input of at
+      most `matmul_max_input` values (below which PyTorch itself leaves oneDNN for its slower
+      generic kernel). Larger 1x1 convs (EfficientFormer's 56x56 MLPs) are faster in oneDNN;
+      the thresholds come from in-model A/B runs on 2 cores;
     - a stride-1 depthwise conv with 'same' zero padding on a grid of at most
       `dense_max_tokens` positions as one batched product with a dense per-channel
       ``[H*W, H*W]`` matrix built from the kernel on first use for each grid size. The
@@ -292,13 +320,18 @@ class DeployConv2d(nn.Conv2d):
     dense_max_tokens = 49
     dense_max_bytes = 256 << 10
     matmul_max_macs = 8_000_000
-    matmul_max_input = 0
+    matmul_max_input = 20480
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dim() != 4 or _graph_capture() or (
             torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
         ):
             return super().forward(x)
+        y = self._forward_fast(x)
+        return super().forward(x) if y is None else y
+
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The matrix-product paths, or None where the plain convolution is the better kernel."""
         b, c, h, w = x.shape
         if self.kernel_size == (1, 1) and self.groups == 1 and self.stride == (1, 1) and self.padding == (0, 0) \
                 and (c * self.out_channels * h * w <= self.matmul_max_macs or c * h * w <= self.matmul_max_input):
@@ -317,7 +350,7 @@ class DeployConv2d(nn.Conv2d):
             bias = self.bias.view(c, 1, 1) if self.bias is not None else None
             y = torch.baddbmm(bias, xs, dense) if bias is not None else torch.bmm(xs, dense)
             return y.view(1, c, h, w) if b == 1 else y.transpose(0, 1).reshape(b, c, h, w)
-        return super().forward(x)
+        return None
 
     def _dense_depthwise(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor | None:
         k = self.kernel_size
@@ -346,8 +379,12 @@ class DeployConv2d(nn.Conv2d):
 
 
 def use_deploy_kernels(module: nn.Module) -> nn.Module:
-    """Turn every plain `nn.Conv2d` in `module` into a `DeployConv2d`, in place (same parameters)."""
+    """Turn every plain `nn.Conv2d` in `module` into a `DeployConv2d` and every `nn.GELU` into a
+    `DeployGELU`, in place (same parameters, same function). Only for modules whose GELUs act
+    on fresh intermediates (true of every family here)."""
     for m in module.modules():
         if type(m) is nn.Conv2d:
             m.__class__ = DeployConv2d
+        elif type(m) is nn.GELU:
+            m.__class__ = DeployGELU
     return module

@@ -174,8 +174,13 @@ def test_same_weights_same_outputs_as_timm_in_both_layouts_and_deployed(name, ti
     with torch.inference_mode():
         assert rel_err(deployed(x), expected) < 1e-5
         assert rel_err(deployed(x[:1]), expected[:1]) < 1e-5
-    with torch.no_grad():  # the plain conv path (what tracing and export see)
-        assert rel_err(deployed(x), expected) < 1e-5
+    # With autograd recording: plain convs, no in-place writes (what tracing and export see too),
+    # and gradients reach the input.
+    xg = x.clone().requires_grad_(True)
+    out = deployed(xg)
+    assert rel_err(out.detach(), expected) < 1e-5
+    out.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -262,3 +262,4 @@ def test_coreml_conversion_from_trace_and_export(source):
     assert list(spec.description.output[0].type.multiArrayType.shape) == [1, 1000]
     ops = {op.type for op in spec.mlProgram.functions["main"].block_specializations[next(iter(spec.mlProgram.functions["main"].block_specializations))].operations}
     assert "conv" in ops and "softmax" in ops
+
