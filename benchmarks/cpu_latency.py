@@ -41,7 +41,6 @@ def main() -> None:
     print(f"torch {torch.__version__}, timm {timm.__version__}, threads {args.threads}, batch 1, 224x224, fp32")
     print(f"{'model':<22}{'timm eager ms':>15}{'zoo deploy ms':>15}{'zoo/timm':>10}{'p90 timm':>10}{'p90 zoo':>10}")
     names = [n for arg in args.names for n in (zoo.list_models(family=arg) or [arg])]
-    reps = args.reps
     for name in names:
         ref = timm.create_model(name).eval()
         randomize_(ref, scale=0.1)

@@ -43,7 +43,6 @@ the two classifiers merged. Neither the official code nor timm has one.
 from __future__ import annotations
 
 import math
-import re
 from typing import Sequence
 
 import torch

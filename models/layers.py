@@ -36,10 +36,16 @@ __all__ = [
 
 
 @torch.no_grad()
+def bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, shift)`` with ``bn(x) == x * scale + shift`` per channel in eval mode."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias - bn.running_mean * scale
+
+
+@torch.no_grad()
 def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     """A Conv2d computing ``bn(conv(x))`` with eval-mode BN statistics."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = bn.bias - bn.running_mean * scale
+    scale, bias = bn_scale_shift(bn)
     if conv.bias is not None:
         bias = bias + conv.bias * scale
     fused = nn.Conv2d(
@@ -63,8 +69,7 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 @torch.no_grad()
 def fuse_bn_linear(bn: nn.BatchNorm1d, linear: nn.Linear) -> nn.Linear:
     """A Linear computing ``linear(bn(x))`` with eval-mode BN statistics."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias - bn.running_mean * scale
+    scale, shift = bn_scale_shift(bn)
     fused = nn.Linear(linear.in_features, linear.out_features, bias=True,
                       device=linear.weight.device, dtype=linear.weight.dtype)
     fused.weight.copy_(linear.weight * scale[None, :])
@@ -140,8 +145,7 @@ class ChannelAffine(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_bn(cls, bn: nn.BatchNorm2d) -> "ChannelAffine":
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        return cls(scale, bn.bias - bn.running_mean * scale)
+        return cls(*bn_scale_shift(bn))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return mul_add(self.shift, x, self.scale)
