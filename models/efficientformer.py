@@ -63,7 +63,7 @@ from zoo.models.layers import (
 )
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Metric, ModelCard, Paper, register_model
 
-__all__ = ["EfficientFormer", "convert_official", "convert_timm", "merge_heads"]
+__all__ = ["DistilledClassifier", "EfficientFormer", "convert_official", "convert_timm", "merge_heads"]
 
 
 def conv_grid(size: int, halvings: int) -> int:
@@ -319,7 +319,78 @@ class EfficientFormerStage(nn.Module):
         return self.blocks(x)
 
 
-class EfficientFormer(nn.Module):
+class DistilledClassifier:
+    """The timm-compatible interface both EfficientFormer generations share (a mixin).
+
+    Expects ``stem``, ``stages`` (each with ``grad_checkpointing``), ``num_features``,
+    ``head_drop``, ``distillation``, ``distilled_training``, ``deployed`` and ``pretrained_cfg``.
+    Heads: ``head`` and, with distillation, ``head_dist``; their logits are averaged at
+    inference and returned as a pair in distillation training.
+    """
+
+    def _make_heads(self, num_classes: int) -> None:
+        def linear() -> nn.Module:
+            if num_classes <= 0:
+                return nn.Identity()
+            layer = nn.Linear(self.num_features, num_classes)
+            trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
+            return layer
+
+        self.head = linear()
+        self.head_dist = linear() if self.distillation else None
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {k for k, _ in self.named_parameters() if "attention_biases" in k}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)", None), (r"^norm", (99999,))])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_distilled_training(self, enable: bool = True) -> None:
+        self.distilled_training = enable
+
+    @torch.jit.ignore
+    def get_classifier(self):
+        return (self.head, self.head_dist) if self.head_dist is not None else self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool not in (None, "avg"):
+            raise ConfigError(f"{type(self).__name__} pools by average only (got global_pool={global_pool!r}).")
+        if self.deployed:
+            raise ConfigError("reset_classifier() on a reparameterized model: reset it before reparameterize().")
+        self.num_classes = num_classes
+        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
+        self._make_heads(num_classes)
+        self.head.train(self.training)
+        if self.head_dist is not None:
+            self.head_dist.train(self.training)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        """Tokens ``[B, N, C]`` or maps ``[B, C, H, W]`` -> mean -> classifier(s)."""
+        x = x.mean(dim=1) if x.dim() == 3 else x.mean(dim=(2, 3))
+        x = self.head_drop(x)
+        if pre_logits:
+            return x
+        if self.head_dist is None:
+            return self.head(x)
+        cls, dist = self.head(x), self.head_dist(x)
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
+            return cls, dist
+        return (cls + dist) / 2
+
+    def forward(self, x: torch.Tensor):
+        return self.forward_head(self.forward_features(x))
+
+
+class EfficientFormer(DistilledClassifier, nn.Module):
     """EfficientFormer (V1) classifier / backbone. Input ``[B, in_chans, img_size, img_size]``.
 
     Args:
@@ -411,57 +482,12 @@ class EfficientFormer(nn.Module):
             "fixed_input_size": True,
         }
 
-    def _make_heads(self, num_classes: int) -> None:
-        def linear() -> nn.Module:
-            if num_classes <= 0:
-                return nn.Identity()
-            layer = nn.Linear(self.num_features, num_classes)
-            self._init_weights(layer)
-            return layer
-
-        self.head = linear()
-        self.head_dist = linear() if self.distillation else None
-
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, nn.Linear):
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-
-    # --- timm-compatible interface -----------------------------------------------------
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {k for k, _ in self.named_parameters() if "attention_biases" in k}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def set_distilled_training(self, enable: bool = True) -> None:
-        self.distilled_training = enable
-
-    @torch.jit.ignore
-    def get_classifier(self):
-        return (self.head, self.head_dist) if self.head_dist is not None else self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ConfigError(f"EfficientFormer pools by average only (got global_pool={global_pool!r}).")
-        if self.deployed:
-            raise ConfigError("reset_classifier() on a reparameterized model: reset it before reparameterize().")
-        self.num_classes = num_classes
-        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
-        self._make_heads(num_classes)
-        self.head.train(self.training)
-        if self.head_dist is not None:
-            self.head_dist.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.img_size, self.img_size) and self.num_vit:
@@ -470,21 +496,6 @@ class EfficientFormer(nn.Module):
                 f"grid is fixed), got {tuple(x.shape[-2:])}; build it with img_size={x.shape[-1]}."
             )
         return self.norm(self.stages(self.stem(x)))
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        x = x.mean(dim=1) if x.dim() == 3 else x.mean(dim=(2, 3))
-        x = self.head_drop(x)
-        if pre_logits:
-            return x
-        if self.head_dist is None:
-            return self.head(x)
-        cls, dist = self.head(x), self.head_dist(x)
-        if self.distilled_training and self.training and not torch.jit.is_scripting():
-            return cls, dist
-        return (cls + dist) / 2
-
-    def forward(self, x: torch.Tensor):
-        return self.forward_head(self.forward_features(x))
 
     # --- deploy form ---------------------------------------------------------------------
     @torch.no_grad()

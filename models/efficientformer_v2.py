@@ -48,11 +48,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerScale2d, trunc_normal_
+from timm.layers import DropPath, LayerScale2d
 
 from zoo.errors import ConfigError
 from zoo.hub import WeightEntry
-from zoo.models.efficientformer import merge_heads
+from zoo.models.efficientformer import DistilledClassifier, merge_heads
 from zoo.models.layers import (
     ChannelAffine,
     add_,
@@ -346,7 +346,7 @@ class EfficientFormerV2Stage(nn.Module):
         return self.blocks(x)
 
 
-class EfficientFormerV2(nn.Module):
+class EfficientFormerV2(DistilledClassifier, nn.Module):
     """EfficientFormerV2 classifier / backbone. Input ``[B, in_chans, img_size, img_size]``.
 
     Args:
@@ -449,52 +449,6 @@ class EfficientFormerV2(nn.Module):
             "pool_size": (resolution, resolution),
         }
 
-    def _make_heads(self, num_classes: int) -> None:
-        def linear() -> nn.Module:
-            if num_classes <= 0:
-                return nn.Identity()
-            layer = nn.Linear(self.num_features, num_classes)
-            trunc_normal_(layer.weight, std=0.02)
-            nn.init.zeros_(layer.bias)
-            return layer
-
-        self.head = linear()
-        self.head_dist = linear() if self.distillation else None
-
-    # --- timm-compatible interface -----------------------------------------------------
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        return {k for k, _ in self.named_parameters() if "attention_biases" in k}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict:
-        return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def set_distilled_training(self, enable: bool = True) -> None:
-        self.distilled_training = enable
-
-    @torch.jit.ignore
-    def get_classifier(self):
-        return (self.head, self.head_dist) if self.head_dist is not None else self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ConfigError(f"EfficientFormerV2 pools by average only (got global_pool={global_pool!r}).")
-        if self.deployed:
-            raise ConfigError("reset_classifier() on a reparameterized model: reset it before reparameterize().")
-        self.num_classes = num_classes
-        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
-        self._make_heads(num_classes)
-        self.head.train(self.training)
-        if self.head_dist is not None:
-            self.head_dist.train(self.training)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != (self.img_size, self.img_size):
             raise ConfigError(
@@ -503,20 +457,6 @@ class EfficientFormerV2(nn.Module):
             )
         return self.norm(self.stages(self.stem(x)))
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        x = self.head_drop(x.mean(dim=(2, 3)))
-        if pre_logits:
-            return x
-        if self.head_dist is None:
-            return self.head(x)
-        cls, dist = self.head(x), self.head_dist(x)
-        if self.distilled_training and self.training and not torch.jit.is_scripting():
-            return cls, dist
-        return (cls + dist) / 2
-
-    def forward(self, x: torch.Tensor):
-        return self.forward_head(self.forward_features(x))
-
     # --- deploy form ---------------------------------------------------------------------
     @torch.no_grad()
     def reparameterize(self) -> "EfficientFormerV2":
@@ -524,8 +464,7 @@ class EfficientFormerV2(nn.Module):
         self.eval()
         if self.deployed:
             return self
-        fuse_modules(self.stem)
-        fuse_modules(self.stages)
+        fuse_modules(self)
         self.norm = ChannelAffine.from_bn(self.norm)  # follows a residual sum: nothing to fold into
         merge_heads(self)
         use_deploy_kernels(self)
