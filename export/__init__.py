@@ -1,8 +1,17 @@
-"""Deployment: deploy-time reparameterization (installed as ``zoo.export``).
+"""Deployment (installed as ``zoo.export``): reparameterization, ONNX and CoreML export, verification.
+
+    >>> from zoo.export import to_onnx, to_coreml
+    >>> to_onnx("efficientvit_m0", "out/efficientvit_m0.onnx")          # checked in onnxruntime
+    >>> to_coreml("efficientvit_m0", "out/efficientvit_m0.mlpackage")   # image input, fp16
 
 Export code never special-cases a model by name: a model that needs help provides it
-(a ``reparameterize()`` method).
+(a ``reparameterize()`` method, an ``export_wrapper()``; see `zoo.export.target`).
 """
+from zoo.export.coreml_export import to_coreml
+from zoo.export.onnx_export import opset_range, to_onnx
 from zoo.export.reparam import reparameterize
+from zoo.export.report import Comparison, ExportReport
+from zoo.export.target import ExportTarget, prepare_target
 
-__all__ = ["reparameterize"]
+__all__ = ["reparameterize", "to_onnx", "to_coreml", "opset_range", "ExportReport", "Comparison",
+           "ExportTarget", "prepare_target"]
