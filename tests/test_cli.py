@@ -68,3 +68,88 @@ def test_demo_writes_a_report(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "models.json").read_text())
     assert set(report) == set(zoo.list_models())
+
+
+def test_export_writes_both_formats_and_the_report(tmp_path, capsys):
+    pytest.importorskip("coremltools")
+    out = tmp_path / "out"
+    assert main(["export", "efficientvit_m0", "--format", "onnx", "coreml", "--out", str(out), "--img-size", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "rel " in printed and "structural only" in printed and "export-report.json" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["efficientvit_m0.mlpackage", "efficientvit_m0.onnx",
+                                                     "export-report.json"]
+    report = json.loads((out / "export-report.json").read_text())
+    assert report["model"] == "efficientvit_m0" and report["zoo_version"] == zoo.__version__
+    onnx_r, coreml_r = report["exports"]
+    assert onnx_r["format"] == "onnx" and onnx_r["path"] == "efficientvit_m0.onnx"
+    assert onnx_r["files"][0]["sha256"] == sha256_file(out / "efficientvit_m0.onnx")
+    assert onnx_r["inputs"][0]["shape"] == ["batch", 3, 64, 64] and onnx_r["verified"]
+    assert [c["batch_size"] for c in onnx_r["comparisons"]] == [1, 3]
+    assert coreml_r["format"] == "coreml" and coreml_r["inputs"][0] == {
+        "name": "image", "kind": "image", "shape": [64, 64], "dtype": "RGB"}
+    assert coreml_r["precision"] == "fp16" and "op_histogram" in coreml_r["details"]
+
+
+def test_export_fixed_batch_and_opset(tmp_path):
+    out = tmp_path / "out"
+    assert main(["export", "efficientformerv2_s0", "--format", "onnx", "--out", str(out), "--img-size", "64",
+                 "--batch-size", "2", "--exporter", "torchscript", "--opset", "17", "--no-reparam"]) == 0
+    r = json.loads((out / "export-report.json").read_text())["exports"][0]
+    assert r["inputs"][0]["shape"] == [2, 3, 64, 64] and r["details"]["opset"] == 17 and not r["reparameterized"]
+    assert [c["batch_size"] for c in r["comparisons"]] == [2]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["efficientvit_m9"], "no model named 'efficientvit_m9'"),
+    (["efficientvit_m0", "--opset", "16"], "opsets 18-"),
+    (["efficientvit_m0", "--img-size", "100"], "multiple of 16"),
+    (["efficientvit_m0", "--batch-size", "2", "--dynamic-batch"], "choose one"),
+])
+def test_export_errors_leave_the_output_folder_empty(argv, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["export", *argv, "--format", "onnx", "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_export_to_an_unwritable_place(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["export", "efficientvit_m0", "--format", "onnx", "--out", str(blocker / "out")]) == 2
+    assert "cannot write to" in capsys.readouterr().err
+
+
+def test_benchmark_against_timm_on_torch_and_onnxruntime(tmp_path, capsys):
+    csv_path = tmp_path / "bench.csv"
+    argv = ["benchmark", "efficientvit_m0", "--backend", "torch", "onnxruntime", "--compare", "timm",
+            "--img-size", "64", "--reps", "3", "--warmup", "1", "--threads", "1", "--csv", str(csv_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "zoo/timm" in out and "onnxruntime" in out
+    import csv
+
+    from zoo.flops import count_params
+
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [r["backend"] for r in rows] == ["torch", "onnxruntime"]
+    for r in rows:
+        assert r["model"] == "efficientvit_m0" and r["peer"] == "timm" and r["threads"] == "1"
+        assert float(r["median_ms"]) > 0 and float(r["p90_ms"]) >= float(r["median_ms"])
+        assert abs(float(r["ratio"]) - float(r["median_ms"]) / float(r["peer_median_ms"])) < 1e-9
+        assert float(r["max_rel_diff"]) < 1e-4, "same weights in both, so the outputs agree"
+        assert int(r["params"]) == count_params(zoo.create_model("efficientvit_m0", img_size=64))
+        assert int(r["img_size"]) == 64
+
+
+def test_benchmark_names_and_errors(capsys):
+    from zoo.benchmark import expand_names
+
+    assert expand_names(["efficientvit", "efficientvit_m0"]) == zoo.list_models(family="efficientvit")
+    assert expand_names(["efficientformer_l*"]) == ["efficientformer_l1", "efficientformer_l3", "efficientformer_l7"]
+    assert main(["benchmark", "efficientvit_m9"]) == 2
+    assert "no model named" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["benchmark", "efficientvit_m0", "--backend", "cuda"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert main(["benchmark", "efficientvit_m0", "--dtype", "fp16"]) == 2
+    assert "cuda backend" in capsys.readouterr().err

@@ -222,44 +222,23 @@ def test_timm_interface_and_timm_training_parts_work_unchanged():
     assert torch.equal(model(x), model(x))
 
 
-def test_onnx_export_opset_17_and_18_dynamic_batch(tmp_path):
-    import onnxruntime as ort
-
-    model = zoo.export.reparameterize(randomize_(zoo.create_model("efficientvit_m0")))
-    x2 = torch.randn(2, 3, 224, 224)
-    batch = torch.export.Dim("batch", min=1, max=64)
-    paths = {17: tmp_path / "m0_17.onnx", 18: tmp_path / "m0_18.onnx"}
-    torch.onnx.export(model, (x2,), paths[17], opset_version=17, dynamo=False, input_names=["x"],
-                      output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
-    torch.onnx.export(model, (x2,), paths[18], opset_version=18, dynamo=True, input_names=["x"],
-                      output_names=["logits"], dynamic_shapes=({0: batch},), external_data=False)
-    for opset, path in paths.items():
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        for b in (1, 3):
-            x = torch.randn(b, 3, 224, 224)
-            with torch.no_grad():
-                ref = model(x)
-            got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
-            assert got.shape == (b, 1000)
-            assert rel_err(got, ref) < 1e-4, (opset, b)
+@pytest.mark.parametrize("exporter,opset", [("torchscript", 17), ("dynamo", 18)])
+def test_onnx_export_both_exporters_dynamic_batch(exporter, opset, tmp_path):
+    model = randomize_(zoo.create_model("efficientvit_m0"))
+    report = zoo.export.to_onnx(model, tmp_path / "m0.onnx", exporter=exporter, opset=opset, verbose=False)
+    assert report.details["opset"] == opset and report.inputs[0]["shape"] == ["batch", 3, 224, 224]
+    assert [c.batch_size for c in report.comparisons] == [1, 3]
+    assert all(c.rel_diff < 1e-4 for c in report.comparisons)
 
 
-@pytest.mark.parametrize("source", ["trace", "export"])
-def test_coreml_conversion_from_trace_and_export(source):
-    ct = pytest.importorskip("coremltools")
-    model = zoo.export.reparameterize(zoo.create_model("efficientvit_m0"))
-    x = torch.randn(1, 3, 224, 224)
-    with torch.no_grad():
-        if source == "trace":
-            graph = torch.jit.trace(model, x)
-            kwargs = dict(inputs=[ct.TensorType(name="x", shape=x.shape)])
-        else:
-            graph = torch.export.export(model, (x,)).run_decompositions({})
-            kwargs = {}
-    ml = ct.convert(graph, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS16, **kwargs)
-    spec = ml.get_spec()
-    assert list(spec.description.input[0].type.multiArrayType.shape) == [1, 3, 224, 224]
-    assert list(spec.description.output[0].type.multiArrayType.shape) == [1, 1000]
-    ops = {op.type for op in spec.mlProgram.functions["main"].block_specializations[next(iter(spec.mlProgram.functions["main"].block_specializations))].operations}
-    assert "conv" in ops and "softmax" in ops
+def test_coreml_export_structure():
+    pytest.importorskip("coremltools")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        report = zoo.export.to_coreml("efficientvit_m0", f"{d}/m0.mlpackage", verbose=False)
+    assert report.inputs[0]["kind"] == "image" and report.outputs[0]["shape"] == [1, 1000]
+    hist = report.details["op_histogram"]
+    assert {"conv", "softmax", "matmul"} <= set(hist)
+    assert not any("batch_norm" in t for t in hist)  # the deploy form went in
 
