@@ -1,0 +1,403 @@
+"""The shared training engine: one loop for every zoo task (classification now, 3D later).
+
+A task supplies the model, the data and the loss (`Task`); the engine does the rest with
+timm's parts: optimizer (`create_optimizer_v2`), schedule (`create_scheduler_v2`, stepped
+per update), EMA (`ModelEmaV3`), `AverageMeter`, `update_summary`. It also owns:
+
+- **Processes.** Under torchrun (``WORLD_SIZE`` > 1) it joins the process group (nccl on
+  CUDA, gloo on CPU), wraps the model in DistributedDataParallel, and only rank 0 writes.
+- **Determinism.** Seeds are ``seed + rank``; each epoch's shuffle comes from a generator
+  seeded with ``seed + epoch``, so the data order does not depend on the RNG history.
+- **Precision.** ``amp``: bfloat16 autocast on CPU, float16 with a GradScaler on CUDA.
+- **Checkpoints**, as timm writes them (``epoch``, ``arch``, ``state_dict``,
+  ``state_dict_ema``, ``optimizer``, ``args``, ``metric``) plus ``scheduler``, ``scaler``
+  and ``rng``, written atomically after every epoch to ``last.pth.tar`` and, when the eval
+  metric improves, ``model_best.pth.tar``. Everything is stored as tensors and plain Python
+  values so ``torch.load(weights_only=True)`` reads it. `resume` restores all of it and
+  continues with the next epoch: the result equals an uninterrupted run's.
+- **Output**: ``args.yaml`` and ``summary.csv`` (timm's columns) in the run folder; a
+  progress bar on a terminal, plain log lines every ``log_interval`` steps otherwise.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from zoo.errors import ConfigError, WeightsError
+from zoo.io import atomic_write
+
+__all__ = ["Engine", "Task", "TrainConfig", "Dist", "setup_distributed", "rng_state", "set_rng_state"]
+
+log = logging.getLogger("zoo.train")
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str | None = None) -> Dist:
+    """Read torchrun's environment and join the process group when there is more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = device == "cuda" or (device is None and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for, but torch sees no CUDA GPU.")
+    dev = torch.device("cuda", local) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    return Dist(rank, world, local, dev)
+
+
+def rng_state() -> dict:
+    """Every RNG the loop draws from, as tensors and plain values (weights_only-loadable)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tuplify(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuplify(x):
+    return tuple(_tuplify(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class Task(Protocol):
+    """What a training task provides. ``batch`` is whatever its loaders yield."""
+
+    arch: str          # model name, stored in checkpoints
+    eval_metric: str   # key of `evaluate`'s result that picks the best checkpoint
+    higher_is_better: bool
+
+    def build_model(self) -> nn.Module: ...
+    def train_loader(self, epoch: int) -> Iterable: ...
+    def train_step(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+        """Loss of one batch (before any accumulation scaling) and its sample count."""
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """Metrics over the whole validation set, identical on every rank."""
+    def epoch_notes(self) -> dict[str, float]:
+        """Extra per-epoch training figures (e.g. skipped files), reset after each call."""
+
+
+@dataclass
+class TrainConfig:
+    """The engine's settings (timm's flag names)."""
+
+    epochs: int = 10
+    opt: str = "adamw"
+    lr: float | None = None
+    lr_base: float = 0.1
+    lr_base_size: int = 256
+    lr_base_scale: str = ""
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    weight_decay: float = 0.05
+    momentum: float = 0.9
+    sched: str = "cosine"
+    warmup_epochs: int = 0
+    warmup_lr: float = 1e-5
+    min_lr: float = 0.0
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+    amp: bool = False
+    model_ema: bool = False
+    model_ema_decay: float = 0.9998
+    seed: int = 42
+    log_interval: int = 50
+    output: str = "output/train"
+    experiment: str = ""
+    resume: str = ""
+    checkpoint_hist: int = 1
+
+
+class Engine:
+    """Runs `task` under `config`; ``fit()`` returns the best eval metrics."""
+
+    def __init__(self, task: Task, config: TrainConfig, args_record: dict | None = None, env: Dist | None = None,
+                 callbacks: list[Callable[["Engine", int, dict], None]] | None = None):
+        self.task, self.cfg = task, config
+        self.env = env or setup_distributed()
+        self.args_record = args_record or {}
+        self.callbacks = callbacks or []
+        self.out_dir: Path | None = None
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    def _seed(self) -> None:
+        seed = self.cfg.seed + self.env.rank
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def _resolve_lr(self) -> float:
+        c = self.cfg
+        if c.lr is not None:
+            return c.lr
+        global_batch = c.batch_size * c.grad_accum_steps * self.env.world_size
+        ratio = global_batch / c.lr_base_size
+        scale = c.lr_base_scale or ("sqrt" if any(k in c.opt.lower() for k in ("ada", "lamb")) else "linear")
+        return c.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio)
+
+    def _output_dir(self) -> Path:
+        """``output/experiment``; a resumed run without --experiment continues in its checkpoint's folder."""
+        if self.cfg.resume and not self.cfg.experiment:
+            out = Path(self.cfg.resume).parent
+        else:
+            name = self.cfg.experiment or f"{time.strftime('%Y%m%d-%H%M%S')}-{self.task.arch}"
+            out = Path(self.cfg.output) / name
+        if self.env.is_main:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"cannot create the output folder {out}: {e.strerror or e}.") from None
+        return out
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def _checkpoint(self, epoch: int, metric: float | None, rngs: list) -> dict:
+        ckpt = {
+            "epoch": epoch,
+            "arch": self.task.arch,
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "version": 2,
+            "args": self.args_record,
+            "metric": metric,
+            "best": self.best,
+            "rng": rngs,
+        }
+        if self.ema is not None:
+            ckpt["state_dict_ema"] = self.ema.module.state_dict()
+        if self.scaler is not None:
+            ckpt["scaler"] = self.scaler.state_dict()
+        return ckpt
+
+    def _save(self, ckpt: dict, name: str) -> None:
+        with atomic_write(self.out_dir / name) as f:
+            torch.save(ckpt, f)
+
+    def _resume(self, path: str) -> int:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise WeightsError(f"--resume {path}: no such file.") from None
+        except Exception as e:  # noqa: BLE001
+            raise WeightsError(f"--resume {path} cannot be read as a zoo/timm training checkpoint: {e}") from None
+        missing = [k for k in ("epoch", "state_dict", "optimizer") if k not in ckpt]
+        if missing:
+            raise WeightsError(f"--resume {path} lacks {missing}: it is a weights file, not a training checkpoint "
+                               "(use --initial-checkpoint or --pretrained for weights).")
+        if ckpt.get("arch") not in (None, self.task.arch):
+            raise WeightsError(f"--resume {path} is a {ckpt['arch']} checkpoint, not {self.task.arch}.")
+        self.model.load_state_dict(ckpt["state_dict"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if "scheduler" in ckpt:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.ema is not None and "state_dict_ema" in ckpt:
+            self.ema.module.load_state_dict(ckpt["state_dict_ema"])
+        if self.scaler is not None and "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        rngs = ckpt.get("rng") or []
+        if len(rngs) == self.env.world_size:  # one state per rank: the continuation is exact
+            set_rng_state(rngs[self.env.rank])
+        else:
+            log.warning("the checkpoint's RNG states are for %d process(es), this run has %d: the data "
+                        "augmentation will differ from an uninterrupted run.", len(rngs), self.env.world_size)
+        self.best = ckpt.get("best")
+        return int(ckpt["epoch"]) + 1
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def fit(self) -> dict:
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import create_scheduler_v2
+        from timm.utils import ModelEmaV3
+
+        c, env = self.cfg, self.env
+        if c.grad_accum_steps < 1 or c.batch_size < 1 or c.epochs < 1:
+            raise ConfigError("--epochs, --batch-size and --grad-accum-steps must be at least 1.")
+        self._seed()
+        model = self.task.build_model().to(env.device)
+        self.model = model
+        self.lr = self._resolve_lr()
+        self.optimizer = create_optimizer_v2(model, opt=c.opt, lr=self.lr, weight_decay=c.weight_decay,
+                                             momentum=c.momentum)
+        updates_per_epoch = math.ceil(len(self.task.train_loader(0)) / c.grad_accum_steps)
+        self.scheduler, self.num_epochs = create_scheduler_v2(
+            self.optimizer, sched=c.sched, num_epochs=c.epochs, warmup_epochs=c.warmup_epochs,
+            warmup_lr=c.warmup_lr, min_lr=c.min_lr, updates_per_epoch=updates_per_epoch)
+        self.ema = ModelEmaV3(model, decay=c.model_ema_decay) if c.model_ema else None
+        use_cuda_amp = c.amp and env.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_cuda_amp else None
+        self.best: dict | None = None
+        start_epoch = self._resume(c.resume) if c.resume else 0
+        self.out_dir = self._output_dir()
+        if env.is_main:
+            import yaml
+
+            with atomic_write(self.out_dir / "args.yaml", "w") as f:
+                yaml.safe_dump(self.args_record, f, sort_keys=True)
+        self.ddp = nn.parallel.DistributedDataParallel(model) if env.distributed else model
+        self._log(f"{self.task.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+                  f"lr {self.lr:.3g}, {self.num_epochs} epochs, {env.world_size} process(es) on {env.device}, "
+                  f"output {self.out_dir}")
+
+        for epoch in range(start_epoch, self.num_epochs):
+            train_metrics = self._train_one_epoch(epoch, updates_per_epoch)
+            eval_metrics = self.task.evaluate(model)
+            if self.ema is not None:
+                ema_metrics = self.task.evaluate(self.ema.module)
+                eval_metrics = {**{f"raw_{k}": v for k, v in eval_metrics.items()}, **ema_metrics}
+            metric = eval_metrics[self.task.eval_metric]
+            self.scheduler.step(epoch + 1, metric)
+            improved = self.best is None or (
+                metric > self.best[self.task.eval_metric] if self.task.higher_is_better
+                else metric < self.best[self.task.eval_metric])
+            if improved:
+                self.best = {"epoch": epoch, **eval_metrics}
+            figures = {**{f"train_{k}": v for k, v in train_metrics.items()}, **{f"eval_{k}": v for k, v in eval_metrics.items()}}
+            self._log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+            rngs = self._gather(rng_state())
+            if env.is_main:
+                from timm.utils import update_summary
+
+                update_summary(epoch, train_metrics, eval_metrics, str(self.out_dir / "summary.csv"),
+                               lr=self.optimizer.param_groups[0]["lr"], write_header=epoch == 0 or not
+                               (self.out_dir / "summary.csv").exists())
+                ckpt = self._checkpoint(epoch, metric, rngs)
+                self._save(ckpt, "last.pth.tar")
+                if improved:
+                    self._save(ckpt, "model_best.pth.tar")
+            if env.distributed:
+                dist.barrier()
+            for cb in self.callbacks:
+                cb(self, epoch, eval_metrics)
+        self._log(f"best {self.task.eval_metric} {self.best[self.task.eval_metric]:.4g} at epoch {self.best['epoch']}")
+        return self.best
+
+    def _train_one_epoch(self, epoch: int, updates_per_epoch: int) -> dict:
+        from timm.utils import AverageMeter
+
+        c, env = self.cfg, self.env
+        self.model.train()
+        loader = self.task.train_loader(epoch)
+        loss_meter = AverageMeter()
+        accum = c.grad_accum_steps
+        steps = len(loader)
+        num_updates = epoch * updates_per_epoch
+        bar = self._progress(steps, f"epoch {epoch}")
+        self.optimizer.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        for i, batch in enumerate(loader):
+            last_of_group = (i + 1) % accum == 0 or i + 1 == steps
+            group = accum if (steps - steps % accum) > i else steps % accum  # size of this accumulation group
+            sync = contextlib.nullcontext() if last_of_group or not env.distributed else self.ddp.no_sync()
+            with sync:
+                with self._autocast():
+                    loss, n = self.task.train_step(self.ddp, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {i}; lower --lr or "
+                                             "use --clip-grad.")
+                scaled = loss / group
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_meter.update(loss.item(), n)
+            if last_of_group:
+                if c.clip_grad:
+                    if self.scaler:
+                        self.scaler.unscale_(self.optimizer)
+                    if c.clip_mode == "value":
+                        torch.nn.utils.clip_grad_value_(self.model.parameters(), c.clip_grad)
+                    else:
+                        torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.clip_grad)
+                if self.scaler:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                num_updates += 1
+                self.scheduler.step_update(num_updates=num_updates, metric=loss_meter.avg)
+                if self.ema is not None:
+                    self.ema.update(self.model, step=num_updates)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_meter.avg:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2e}")
+            elif c.log_interval and ((i + 1) % c.log_interval == 0 or i + 1 == steps):
+                self._log(f"epoch {epoch} [{i + 1}/{steps}] loss {loss_meter.val:.4f} ({loss_meter.avg:.4f}) "
+                          f"lr {self.optimizer.param_groups[0]['lr']:.3e}")
+        if bar is not None:
+            bar.close()
+        metrics = {"loss": self._mean_across_ranks(loss_meter.avg), "seconds": time.perf_counter() - start}
+        metrics.update(self.task.epoch_notes())
+        return metrics
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if not self.cfg.amp:
+            return contextlib.nullcontext()
+        if self.env.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def _mean_across_ranks(self, value: float) -> float:
+        if not self.env.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.env.device if self.env.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return t.item() / self.env.world_size
+
+    def _gather(self, obj) -> list:
+        if not self.env.distributed:
+            return [obj]
+        out = [None] * self.env.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def _progress(self, total: int, desc: str):
+        if not self.env.is_main or not sys.stderr.isatty():
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+    def _log(self, msg: str) -> None:
+        if self.env.is_main:
+            print(msg, flush=True)
