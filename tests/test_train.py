@@ -179,3 +179,17 @@ def test_torchrun_two_processes_gloo(data, tmp_path):
     assert proc.stdout.count("epoch 1:") == 1, "only rank 0 logs"
     rows = list(csv.DictReader((tmp_path / "ddp" / "summary.csv").open()))
     assert len(rows) == 2
+
+
+def test_amp_on_cpu_trains_in_bfloat16(data, tmp_path):
+    seen = []
+
+    def spy(engine, epoch, metrics):
+        with engine._autocast():
+            seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+
+    best = run_train(parse_train_args([*BASE, "--data-dir", str(data), "--epochs", "1", "--amp", "--output",
+                                       str(tmp_path), "--experiment", "amp"]), callbacks=[spy])
+    assert seen == [torch.bfloat16] and 0 <= best["top1"] <= 100
+    sd = torch.load(tmp_path / "amp" / "last.pth.tar", weights_only=True)["state_dict"]
+    assert all(v.dtype != torch.bfloat16 for v in sd.values()), "weights stay fp32 under autocast"
