@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from zoo.errors import ConfigError, ExportError
-from zoo.export.files import file_record, make_stage, publish
+from zoo.export.files import file_record, make_stage, publish_verified
 from zoo.export.report import ExportReport, compare
 from zoo.export.target import ExportTarget, prepare_target
 
@@ -136,12 +136,7 @@ def to_coreml(
         else:
             report.skipped.append("numeric comparison skipped: " + (
                 "verify=False" if not verify else "CoreML runs only on macOS; structural checks done"))
-        if verbose:
-            print(report.summary())
-        if any(not c.passed for c in report.comparisons):
-            raise ExportError(f"the CoreML export of {target.name} differs from torch:\n{report.summary()}")
-        publish(stage, path.parent)
-        report.relocate(stage, path.parent)
+        publish_verified(report, stage, path.parent, "CoreML", verbose)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     report.seconds = time.perf_counter() - start

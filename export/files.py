@@ -13,7 +13,7 @@ from pathlib import Path
 from zoo.errors import ExportError
 from zoo.io import replace_path
 
-__all__ = ["make_stage", "publish", "file_record"]
+__all__ = ["make_stage", "publish", "publish_verified", "file_record"]
 
 
 def make_stage(folder: Path) -> Path:
@@ -29,6 +29,17 @@ def publish(stage: Path, folder: Path) -> None:
     """Move everything in `stage` into `folder` (same filesystem: renames)."""
     for item in sorted(stage.iterdir()):
         replace_path(item, folder / item.name)
+
+
+def publish_verified(report, stage: Path, folder: Path, fmt: str, verbose: bool) -> None:
+    """Print `report`'s figures if `verbose`; raise `ExportError` if a comparison failed, else
+    publish `stage` into `folder` and point the report's paths there."""
+    if verbose:
+        print(report.summary())
+    if any(not c.passed for c in report.comparisons):
+        raise ExportError(f"the {fmt} export of {report.model} differs from torch:\n{report.summary()}")
+    publish(stage, folder)
+    report.relocate(stage, folder)
 
 
 def file_record(path: Path) -> dict:

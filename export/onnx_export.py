@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from zoo.errors import ConfigError, ExportError
-from zoo.export.files import file_record, make_stage, publish
+from zoo.export.files import file_record, make_stage, publish_verified
 from zoo.export.report import ExportReport, compare
 from zoo.export.target import ExportTarget, prepare_target
 
@@ -93,13 +93,7 @@ def to_onnx(
     try:
         target = prepare_target(model, pretrained=pretrained, input_shape=input_shape, reparam=reparam)
         report = _export(target, stage / path.name, opset, dynamic_batch, exporter, fp16, verify)
-        if verbose:
-            print(report.summary())
-        failed = [c for c in report.comparisons if not c.passed]
-        if failed:
-            raise ExportError(f"the ONNX export of {target.name} differs from torch:\n{report.summary()}")
-        publish(stage, path.parent)
-        report.relocate(stage, path.parent)
+        publish_verified(report, stage, path.parent, "ONNX", verbose)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     report.seconds = time.perf_counter() - start
