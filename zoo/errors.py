@@ -15,6 +15,7 @@ __all__ = [
     "WeightsError",
     "ExportError",
     "DataError",
+    "RenderError",
     "closest",
 ]
 
@@ -44,6 +45,10 @@ class ExportError(ZooError):
 
 class DataError(ZooError):
     """A dataset that is missing, empty or unreadable."""
+
+
+class RenderError(ZooError, ValueError):
+    """Tensors that `zoo.render` cannot rasterize or shade (shape, dtype, device, backend)."""
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:

@@ -1,0 +1,50 @@
+"""The nvdiffrast backend: thin calls into ``nvdiffrast.torch`` on CUDA tensors.
+
+Install with ``pip install -e ".[nvdiffrast]"`` (PyPI name ``diffrp-nvdiffrast``); it compiles
+its CUDA code on first use, which needs ``nvcc`` and ``ninja`` on the GPU machine. When the
+JIT build cannot find the CUDA headers that pip's ``nvidia-*`` wheels carry, point ``CPATH``
+at them (``$(python -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__))')/*/include``).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from zoo.errors import RenderError
+
+__all__ = ["available", "import_error", "context", "module"]
+
+
+@functools.lru_cache(maxsize=1)
+def _load():
+    try:
+        import nvdiffrast.torch as dr  # noqa: PLC0415 - optional accelerator
+    except Exception as exc:  # ImportError, or a failing JIT build at import time
+        return None, exc
+    return dr, None
+
+
+def available() -> bool:
+    """True when ``nvdiffrast.torch`` imports and CUDA is present."""
+    return torch.cuda.is_available() and _load()[0] is not None
+
+
+def import_error() -> Exception | None:
+    return _load()[1]
+
+
+def module():
+    dr, exc = _load()
+    if dr is None:
+        raise RenderError(
+            "backend='nvdiffrast' needs the nvdiffrast package: pip install -e '.[nvdiffrast]' "
+            f"on a machine with CUDA, nvcc and ninja (import failed: {exc}). "
+            "Use backend='torch' to render without it.")
+    return dr
+
+
+@functools.lru_cache(maxsize=None)
+def context(device: torch.device):
+    """One ``RasterizeCudaContext`` per device, created on first use and kept."""
+    return module().RasterizeCudaContext(device=device)
