@@ -168,7 +168,7 @@ def antialias_torch(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, 
     dc = num.gather(1, pick).squeeze(1) / torch.where(ok, dy.gather(1, pick).squeeze(1),
                                                        torch.ones_like(ds))
     with torch.no_grad():
-        ok &= (dc > -_EPS) & (dc < 1 + _EPS)
+        ok = ok & (dc > -_EPS) & (dc < 1 + _EPS)
     sel = ok.nonzero().squeeze(1)
     if sel.numel() == 0:
         return color
