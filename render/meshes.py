@@ -24,24 +24,32 @@ def quad(size: float = 1.0, z: float = 0.0):
 def capsule(radius: float = 0.5, length: float = 1.0, segments: int = 96, rings: int = 72):
     """Closed, watertight capsule along ``y``: vertices ``[V,3]``, tri ``[2*segments*rings, 3]``.
 
-    Two hemispheres of radius ``radius`` joined by a cylinder of ``length``. ``rings`` rows
-    of ``segments`` vertices between the two poles (``rings`` even, so that the middle
-    two rows bound the cylinder); the defaults give 13,824 triangles, an SMPL-sized body.
+    Two hemispheres of radius ``radius`` joined by a cylinder of ``length``: ``rings`` rows
+    of ``segments`` vertices between the two poles, evenly spaced along the profile, so
+    triangles are of similar size everywhere. The defaults give 13,824 triangles, an
+    SMPL-sized body.
     Triangles wind counter-clockwise seen from outside.
     """
-    if segments < 3 or rings < 2 or rings % 2:
-        raise RenderError("capsule needs segments >= 3 and an even rings >= 2")
-    half = rings // 2
+    if segments < 3 or rings < 1 or radius <= 0 or length < 0:
+        raise RenderError("capsule needs segments >= 3, rings >= 1, radius > 0 and length >= 0")
+    # Rows spaced evenly along the profile's arc length (hemisphere, cylinder, hemisphere),
+    # so the cylinder is subdivided like the caps: no long sliver triangles.
+    cap_arc = math.pi / 2 * radius
+    total = 2 * cap_arc + length
     heights, radii = [], []
     for i in range(rings):
-        # Latitude of row i on its hemisphere, excluding the poles.
-        if i < half:
-            phi = math.pi / 2 * (1 - (i + 1) / (half + 0.5))
-            heights.append(length / 2 + radius * math.sin(phi))
-        else:
-            phi = math.pi / 2 * (1 - (rings - i) / (half + 0.5))
-            heights.append(-length / 2 - radius * math.sin(phi))
-        radii.append(radius * math.cos(phi))
+        s = (i + 1) * total / (rings + 1)
+        if s < cap_arc:  # top hemisphere, from the pole down
+            phi = s / radius
+            heights.append(length / 2 + radius * math.cos(phi))
+            radii.append(radius * math.sin(phi))
+        elif s <= cap_arc + length:  # cylinder
+            heights.append(length / 2 - (s - cap_arc))
+            radii.append(radius)
+        else:  # bottom hemisphere
+            phi = (total - s) / radius
+            heights.append(-length / 2 - radius * math.cos(phi))
+            radii.append(radius * math.sin(phi))
     theta = torch.arange(segments, dtype=torch.float64) * (2 * math.pi / segments)
     h = torch.tensor(heights, dtype=torch.float64)[:, None].expand(rings, segments)
     r = torch.tensor(radii, dtype=torch.float64)[:, None]

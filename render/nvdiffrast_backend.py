@@ -26,8 +26,19 @@ def _load():
 
 
 def available() -> bool:
-    """True when ``nvdiffrast.torch`` imports and CUDA is present."""
-    return torch.cuda.is_available() and _load()[0] is not None
+    """True when CUDA is present and nvdiffrast imports and builds its CUDA plugin.
+
+    The first call on a GPU machine may take minutes: it compiles the plugin (once, cached
+    by torch under ``~/.cache/torch_extensions``). A failing build makes this False, so
+    ``backend="auto"`` falls back to torch; ``backend="nvdiffrast"`` then reports why.
+    """
+    if not torch.cuda.is_available() or _load()[0] is None:
+        return False
+    try:
+        context(torch.device("cuda", torch.cuda.current_device()))
+    except RenderError:
+        return False
+    return True
 
 
 def import_error() -> Exception | None:
@@ -47,4 +58,13 @@ def module():
 @functools.lru_cache(maxsize=None)
 def context(device: torch.device):
     """One ``RasterizeCudaContext`` per device, created on first use and kept."""
-    return module().RasterizeCudaContext(device=device)
+    dr = module()
+    try:
+        return dr.RasterizeCudaContext(device=device)
+    except Exception as exc:  # the plugin's JIT build or load failed
+        raise RenderError(
+            f"nvdiffrast could not build or load its CUDA plugin ({type(exc).__name__}: {exc}). "
+            "It needs nvcc and ninja; if CUDA headers are missing, add pip's nvidia/*/include "
+            "folders to CPATH; if the built module does not import, add its folder under "
+            "~/.cache/torch_extensions to sys.path. See the README's nvdiffrast section, or "
+            "use backend='torch'.") from exc

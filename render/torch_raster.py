@@ -33,6 +33,15 @@ EMPTY_KEY = torch.iinfo(torch.int64).max
 # Dense evaluation is split so that no group allocates more than this many grid points
 # (about 16 bytes each across the temporaries): bounded memory for huge triangles.
 _CHUNK_POINTS = 1 << 22
+# Grid sizes a bounding box is rounded up to. Powers of two keep the number of groups (each
+# a fixed cost of a few dozen ops) small; finer classes (adding 1.5x steps) waste fewer grid
+# points but measured 25% slower on the benchmark mesh.
+_SIZES = [1 << k for k in range(15)]
+
+
+def _size_class(extent: torch.Tensor) -> torch.Tensor:
+    """Index into ``_SIZES`` of the smallest size >= extent (extent >= 1)."""
+    return torch.bucketize(extent, torch.tensor(_SIZES, device=extent.device))
 
 
 @dataclass
@@ -120,9 +129,7 @@ def _coverage(verts, img, tid, batch, height, width, peel_keys):
     coef = torch.cat([a[sel] * sign, b[sel] * sign, c[sel] * sign, z[sel], w[sel]], dim=1)  # [S,15]
     img_s, tid_s = img[sel], tid[sel]
 
-    log_w = torch.ceil(torch.log2((x1 - x0 + 1).to(torch.float32))).long()
-    log_h = torch.ceil(torch.log2((y1 - y0 + 1).to(torch.float32))).long()
-    group = log_w * 64 + log_h
+    group = _size_class(x1 - x0 + 1) * 64 + _size_class(y1 - y0 + 1)
     order = torch.argsort(group)
     codes, counts = torch.unique_consecutive(group[order], return_counts=True)
     base_x = torch.arange(width, device=device)
@@ -131,8 +138,8 @@ def _coverage(verts, img, tid, batch, height, width, peel_keys):
     for code, count in zip(codes.tolist(), counts.tolist()):
         members = order[start:start + count]
         start += count
-        gw = min(1 << (code // 64), width)
-        gh = min(1 << (code % 64), height)
+        gw = min(_SIZES[code // 64], width)
+        gh = min(_SIZES[code % 64], height)
         per_chunk = max(1, _CHUNK_POINTS // (gw * gh))
         for lo in range(0, count, per_chunk):
             m = members[lo:lo + per_chunk]
@@ -143,33 +150,35 @@ def _coverage(verts, img, tid, batch, height, width, peel_keys):
 
 def _cover_group(keys, coef, x0, x1, y0, y1, img, tid, ix, iy, height, width, dtype, peel_keys):
     """Evaluate one group of triangles on a dense ``[n, gh, gw]`` grid and merge into ``keys``."""
+    gw, gh = ix.shape[0], iy.shape[0]
     gx = x0[:, None] + ix  # [n, gw]
     gy = y0[:, None] + iy  # [n, gh]
     valid = (gx <= x1[:, None]).unsqueeze(1) & (gy <= y1[:, None]).unsqueeze(2)
-    gx = gx.clamp_max(width - 1)
-    gy = gy.clamp_max(height - 1)
-    px = ((2 * gx + 1).to(dtype) / width - 1).unsqueeze(1)  # [n, 1, gw]
-    py = ((2 * gy + 1).to(dtype) / height - 1).unsqueeze(2)  # [n, gh, 1]
-    c = coef[:, :, None, None]
-    e0 = c[:, 0] * px + c[:, 3] * py + c[:, 6]
+    px = ((2 * gx + 1).to(dtype) / width - 1)[:, None, :]  # [n, 1, gw]
+    py = ((2 * gy + 1).to(dtype) / height - 1)[:, :, None]  # [n, gh, 1]
+    # Same operation order for every triangle, so a shared edge evaluates to exact
+    # negatives on its two sides.
+    c = coef[:, :9, None, None]
+    e0 = c[:, 0] * px + c[:, 3] * py + c[:, 6]  # [n, gh, gw]
     e1 = c[:, 1] * px + c[:, 4] * py + c[:, 7]
     e2 = c[:, 2] * px + c[:, 5] * py + c[:, 8]
     inside = valid & (e0 >= 0) & (e1 >= 0) & (e2 >= 0)
-    flat = inside.flatten().nonzero().squeeze(1)
+    flat = inside.view(-1).nonzero().squeeze(1)
     if flat.numel() == 0:
         return
-    e0, e1, e2 = e0.flatten()[flat], e1.flatten()[flat], e2.flatten()[flat]
-    cell = gx.shape[1] * gy.shape[1]
+    e = torch.stack([e0.view(-1)[flat], e1.view(-1)[flat], e2.view(-1)[flat]], 1)
+    cell = gw * gh
     t_local = flat // cell
     rem = flat - t_local * cell
-    row, col = rem // gx.shape[1], rem % gx.shape[1]
-    s = e0 + e1 + e2
+    row = rem // gw
+    col = rem - row * gw
     zw = coef[t_local, 9:15]
     # z/w of the point: sum b_i z_i / sum b_i w_i (the barycentric scale cancels).
-    depth = ((zw[:, 0] * e0 + zw[:, 1] * e1 + zw[:, 2] * e2)
-             / (zw[:, 3] * e0 + zw[:, 4] * e1 + zw[:, 5] * e2))
-    ok = (s > 0) & (depth >= -1) & (depth <= 1)
-    pix = img[t_local] * (height * width) + gy[t_local, row] * width + gx[t_local, col]
+    depth = ((zw[:, 0] * e[:, 0] + zw[:, 1] * e[:, 1] + zw[:, 2] * e[:, 2])
+             / (zw[:, 3] * e[:, 0] + zw[:, 4] * e[:, 1] + zw[:, 5] * e[:, 2]))
+    ok = (e.sum(1) > 0) & (depth >= -1) & (depth <= 1)
+    base = img * (height * width) + y0 * width + x0  # pixel index of each bbox's corner
+    pix = base[t_local] + row * width + col
     key = _depth_key(depth, tid[t_local])
     if peel_keys is not None:
         # Depth peeling: only fragments strictly behind the previous layer's depth survive.

@@ -70,6 +70,21 @@ def test_demo_writes_a_report(tmp_path, capsys):
     assert set(report) == set(zoo.list_models())
 
 
+def test_demo_render_writes_the_shells_picture(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from zoo.cli import _demo_render
+
+    _demo_render(tmp_path)
+    img = np.asarray(Image.open(tmp_path / "render_shells.png")).astype(int)
+    assert img.shape == (384, 384, 3)
+    assert (img[0, 0] == 255).all()  # background corner
+    r, b = img[..., 0], img[..., 2]
+    assert ((r - b) > 80).sum() > 5000 and ((b - r) > 80).sum() > 5000  # both shells visible
+    assert "4 depth-peeled layers" in capsys.readouterr().out
+
+
 def test_export_writes_both_formats_and_the_report(tmp_path, capsys):
     pytest.importorskip("coremltools")
     out = tmp_path / "out"
