@@ -127,8 +127,11 @@ def rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution, ranges: torch.Te
     return rast, rast_db
 
 
-def _check_rast(rast: torch.Tensor):
+def _check_rast(rast: torch.Tensor, tri: torch.Tensor):
     _check_float("rast", rast, (4,), last=4)
+    if rast.numel() and int(rast[..., 3].max()) > tri.shape[0]:
+        raise RenderError(f"rast names triangle {int(rast[..., 3].max()) - 1} but tri has "
+                          f"{tri.shape[0]}; pass the tri that rasterize() drew")
 
 
 def interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor,
@@ -147,8 +150,8 @@ def interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor,
         on empty pixels; ``out_da[..., 2k:2k+2] = (d/dX, d/dY)`` of the k-th chosen attribute.
     """
     _check_float("attr", attr, (2, 3))
-    _check_rast(rast)
     _check_tri(tri, attr.shape[-2], attr.device)
+    _check_rast(rast, tri)
     if attr.dim() == 3 and attr.shape[0] not in (1, rast.shape[0]):
         raise RenderError(f"attr has batch {attr.shape[0]} but rast has {rast.shape[0]}; "
                           "use one batch entry per image, or 1 to share")
@@ -215,8 +218,10 @@ def texture(tex: torch.Tensor, uv: torch.Tensor, uv_da: torch.Tensor | None = No
             _check_float("uv_da", uv_da, (4,), last=4)
     if resolve_backend(backend, tex, uv) == "nvdiffrast":
         dr = nvdr.module()
+        # A torch mip stack (a list) does not fit nvdiffrast; it builds its own.
         return dr.texture(tex.contiguous(), uv.contiguous(), uv_da=uv_da,
-                          mip_level_bias=mip_level_bias, filter_mode=filter_mode,
+                          mip_level_bias=mip_level_bias,
+                          mip=None if isinstance(mip, list) else mip, filter_mode=filter_mode,
                           boundary_mode=boundary_mode, max_mip_level=max_mip_level)
     return texture_torch(tex, uv, uv_da, mip_level_bias, mip, filter_mode, boundary_mode,
                          max_mip_level)
@@ -244,12 +249,15 @@ def antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: t
         ``[B,H,W,C]``; differentiable in ``color`` and ``pos``.
     """
     _check_float("color", color, (4,))
-    _check_rast(rast)
     _check_float("pos", pos, (2, 3), last=4)
     _check_tri(tri, pos.shape[-2], pos.device)
+    _check_rast(rast, tri)
     if color.shape[:3] != rast.shape[:3]:
         raise RenderError(f"color {tuple(color.shape)} and rast {tuple(rast.shape)} must share "
                           "[B,H,W]")
+    if pos.dim() == 3 and pos.shape[0] != rast.shape[0]:
+        raise RenderError(f"pos has batch {pos.shape[0]} but rast has {rast.shape[0]}; pass the "
+                          "pos that rasterize() drew")
     if resolve_backend(backend, color, rast, pos) == "nvdiffrast":
         dr = nvdr.module()
         return dr.antialias(color.contiguous(), rast, pos.contiguous().float(),

@@ -32,10 +32,14 @@ def test_wheel_installs_and_imports_outside_the_repo(tmp_path):
     code = (
         "import zoo, zoo.models, zoo.render, zoo.export, zoo.cli; "
         "print(zoo.__file__); print(zoo.models.__file__); print(zoo.export.__file__); "
-        "print(len(zoo.list_models('efficientvit_*')))"
+        "print(len(zoo.list_models('efficientvit_*'))); "
+        "import torch, zoo.render as R; v, t = R.capsule(); "
+        "p = R.world_to_clip(v, R.look_at((0, 0, 3.0), (0, 0, 0)), R.perspective(45)); "
+        "print(int((R.rasterize(p, t, (32, 32))[0][..., 3] > 0).sum() > 0))"
     )
     out = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.split()
     assert all(line.startswith(str(site)) for line in lines[:3]), lines
     assert lines[3] == "6"
+    assert lines[4] == "1"  # zoo.render is packaged whole and rasterizes

@@ -250,6 +250,9 @@ def test_large_triangles_are_chunked(monkeypatch):
     (lambda p, t: R.rasterize(p, t, (8, 8), backend="nvdiffrast"), "nvdiffrast"),
     (lambda p, t: R.interpolate(torch.ones(3, 2), R.rasterize(p, t, (8, 8))[0], t, diff_attrs="all"), "rast_db"),
     (lambda p, t: R.interpolate(torch.ones(3, 3, 2), R.rasterize(p, t, (8, 8))[0], t), "batch"),
+    (lambda p, t: R.interpolate(torch.ones(3, 2), R.rasterize(p, t, (8, 8))[0] * 2, t), "pass the tri"),
+    (lambda p, t: R.antialias(torch.ones(1, 8, 8, 3), R.rasterize(p, t, (8, 8))[0], p.expand(2, 3, 4), t),
+     "pass the pos"),
 ])
 def test_bad_input_raises_render_error(bad, match):
     pos = torch.tensor([[[-0.5, -0.5, 0, 1.0], [0.5, -0.5, 0, 1.0], [0, 0.5, 0, 1.0]]])

@@ -233,3 +233,19 @@ def test_cameras_follow_opengl_conventions():
         R.perspective(0, 1.0)
     with pytest.raises(RenderError):
         R.look_at((0.0, 1.0, 0.0), (0.0, 0.0, 0.0))
+
+
+def test_capsule_is_closed_outward_and_smpl_sized():
+    verts, tri = R.capsule()
+    assert tri.shape == (13824, 3) and tri.dtype == torch.int32
+    edges = torch.cat([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [2, 0]]]).long()
+    # every directed edge appears once and its reverse once: closed and consistently wound
+    key = edges[:, 0] * len(verts) + edges[:, 1]
+    rev = edges[:, 1] * len(verts) + edges[:, 0]
+    assert key.unique().numel() == key.numel()
+    assert torch.equal(key.sort().values, rev.sort().values)
+    assert len(verts) - key.numel() // 2 + len(tri) == 2  # Euler characteristic of a sphere
+    v = verts[tri.long()].double()
+    volume = (v[:, 0] * torch.linalg.cross(v[:, 1], v[:, 2], dim=1)).sum() / 6
+    exact = math.pi * 0.5 ** 2 * 1.0 + 4 / 3 * math.pi * 0.5 ** 3
+    assert 0.97 * exact < volume < exact  # positive: outward; inscribed: slightly smaller
