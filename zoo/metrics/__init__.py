@@ -1,0 +1,5 @@
+"""Evaluation metrics. :mod:`zoo.metrics.pointcloud`: Chamfer, EMD, MMD/COV/1-NNA/JSD."""
+from .pointcloud import chamfer_distance, compute_all_metrics, emd, jsd, mmd_cov, one_nna, pairwise_distances
+
+__all__ = ["chamfer_distance", "emd", "pairwise_distances", "mmd_cov", "one_nna", "jsd",
+           "compute_all_metrics"]
