@@ -1,0 +1,182 @@
+"""Point cloud datasets: ShapeNetCore.v2.PC15k (PointFlow's layout) and a built-in procedural set.
+
+Both return the same item, a dict:
+``train_points [tr_sample_size, 3]``, ``test_points [te_sample_size, 3]`` (float32),
+``idx``, ``cate_idx``, ``mean [1,3]``, ``std [1,1]``, ``sid`` (category), ``mid`` (shape id),
+so the generation tasks and the metrics do not care which one they read.
+"""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from zoo.errors import DataError
+
+__all__ = ["SYNSET_IDS", "ShapeNetPC15k", "ProceduralShapes", "PROCEDURAL_CLASSES"]
+
+# The categories the PSF paper reports on; PointFlow's list has all 55.
+SYNSET_IDS = {"airplane": "02691156", "chair": "03001627", "car": "02958343", "table": "04379243",
+              "lamp": "03636649", "sofa": "04256520", "rifle": "04090263", "vessel": "04530566"}
+
+
+class ShapeNetPC15k(Dataset):
+    """ShapeNetCore.v2.PC15k as PointFlow and PVD read it.
+
+    Layout: ``<root>/<synset id>/<split>/<shape id>.npy``, each ``[15000, 3]``. Points
+    0-9,999 are the training points, 10,000-14,999 the test points. The whole split is
+    normalized with **one global mean per axis and one global std** over every point of every
+    shape (``normalize_per_shape=False, normalize_std_per_axis=False`` in PointFlow); pass
+    the training set's ``mean``/``std`` to a test split, as PointFlow does. Shapes are put in
+    PointFlow's deterministic order (shuffled with ``random.Random(38383)``). With
+    ``random_subsample`` each item draws ``tr_sample_size`` of the 10,000 training points
+    **with replacement** (``np.random.choice``'s default, as the original code), else it
+    takes the first ones.
+    """
+
+    def __init__(self, root: str | Path, categories=("airplane",), split: str = "train",
+                 tr_sample_size: int = 2048, te_sample_size: int = 2048,
+                 random_subsample: bool = True, mean: np.ndarray | None = None,
+                 std: np.ndarray | None = None):
+        if split not in ("train", "val", "test"):
+            raise DataError(f"split must be train, val or test, not {split!r}")
+        unknown = [c for c in categories if c not in SYNSET_IDS and not str(c).isdigit()]
+        if unknown:
+            raise DataError(f"unknown categories {unknown}; known: {sorted(SYNSET_IDS)} "
+                            "(or pass synset ids)")
+        root = Path(root)
+        shapes, cate, mids = [], [], []
+        for ci, cat in enumerate(categories):
+            sid = SYNSET_IDS.get(cat, cat)
+            folder = root / sid / split
+            if not folder.is_dir():
+                raise DataError(f"{folder} does not exist: download ShapeNetCore.v2.PC15k (PointFlow's "
+                                f"release) and pass its folder as root, with <synset>/{split}/*.npy inside")
+            for f in sorted(folder.glob("*.npy")):
+                pts = np.load(f)
+                if pts.shape != (15000, 3):
+                    raise DataError(f"{f} holds {pts.shape}; PC15k files are [15000, 3]")
+                shapes.append(pts.astype(np.float32))
+                cate.append(ci)
+                mids.append((sid, f.stem))
+        if not shapes:
+            raise DataError(f"no .npy shapes under {root} for {list(categories)} / {split}")
+        order = list(range(len(shapes)))
+        random.Random(38383).shuffle(order)
+        self.points = np.stack([shapes[i] for i in order])  # [S,15000,3]
+        self.cate_idx = [cate[i] for i in order]
+        self.mids = [mids[i] for i in order]
+        if (mean is None) != (std is None):
+            raise DataError("pass both mean and std (the training split's), or neither")
+        # Statistics in float64: float32 sums over millions of points drift in the 5th digit.
+        flat = self.points.reshape(-1, 3).astype(np.float64)
+        self.mean = flat.mean(0).reshape(1, 3) if mean is None else np.asarray(mean, np.float64).reshape(1, 3)
+        self.std = flat.reshape(-1).std().reshape(1, 1) if std is None else np.asarray(std, np.float64).reshape(1, 1)
+        self.points = ((self.points - self.mean[None]) / self.std[None]).astype(np.float32)
+        self.tr_sample_size = min(10000, tr_sample_size)
+        self.te_sample_size = min(5000, te_sample_size)
+        self.random_subsample = random_subsample
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, idx: int) -> dict:
+        train, test = self.points[idx, :10000], self.points[idx, 10000:]
+        if self.random_subsample:
+            tr = np.random.choice(train.shape[0], self.tr_sample_size)
+            te = np.random.choice(test.shape[0], self.te_sample_size)
+        else:
+            tr, te = np.arange(self.tr_sample_size), np.arange(self.te_sample_size)
+        sid, mid = self.mids[idx]
+        return {"idx": idx, "train_points": torch.from_numpy(train[tr]).float(),
+                "test_points": torch.from_numpy(test[te]).float(), "cate_idx": self.cate_idx[idx],
+                "mean": torch.from_numpy(self.mean).float(), "std": torch.from_numpy(self.std).float(),
+                "sid": sid, "mid": mid}
+
+
+def _sample_surface(kind: str, rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` points uniformly on one random shape of ``kind``, roughly inside radius 0.45."""
+    if kind == "ellipsoid":
+        radii = rng.uniform(0.15, 0.4, size=3)
+        d = rng.normal(size=(n, 3))
+        return d / np.linalg.norm(d, axis=1, keepdims=True) * radii  # near-uniform for mild axes
+    if kind == "box":
+        half = rng.uniform(0.1, 0.3, size=3)
+        areas = np.array([half[1] * half[2], half[0] * half[2], half[0] * half[1]]).repeat(2)
+        face = rng.choice(6, size=n, p=areas / areas.sum())
+        pts = rng.uniform(-1, 1, size=(n, 3)) * half
+        axis = face // 2
+        pts[np.arange(n), axis] = np.where(face % 2 == 0, -1, 1) * half[axis]
+        return pts
+    if kind == "torus":
+        big, small = rng.uniform(0.2, 0.3), rng.uniform(0.05, 0.12)
+        # rejection sampling makes the area density uniform: weight 1 + (r/R) cos(v)
+        u = rng.uniform(0, 2 * math.pi, size=4 * n)
+        v = rng.uniform(0, 2 * math.pi, size=4 * n)
+        keep = rng.uniform(0, 1 + small / big, size=4 * n) < 1 + small / big * np.cos(v)
+        u, v = u[keep][:n], v[keep][:n]
+        ring = big + small * np.cos(v)
+        return np.stack([ring * np.cos(u), small * np.sin(v), ring * np.sin(u)], 1)
+    if kind == "cylinder":
+        r, h = rng.uniform(0.1, 0.25), rng.uniform(0.2, 0.4)
+        side, cap = 2 * math.pi * r * 2 * h, math.pi * r * r
+        part = rng.choice(3, size=n, p=np.array([side, cap, cap]) / (side + 2 * cap))
+        t = rng.uniform(0, 2 * math.pi, size=n)
+        rad = np.where(part == 0, r, r * np.sqrt(rng.uniform(0, 1, size=n)))
+        y = np.where(part == 0, rng.uniform(-h, h, size=n), np.where(part == 1, h, -h))
+        return np.stack([rad * np.cos(t), y, rad * np.sin(t)], 1)
+    raise DataError(f"unknown procedural shape {kind!r}")
+
+
+PROCEDURAL_CLASSES = ("ellipsoid", "box", "torus", "cylinder")
+
+
+class ProceduralShapes(Dataset):
+    """Built-in shapes with random parameters: no download, deterministic per (seed, index).
+
+    ``classes`` picks among ellipsoids, boxes, tori and capped cylinders (area-uniform
+    surface samples), shape ``i`` is of class ``classes[i % len(classes)]`` with its own
+    random size and a random rotation about the vertical axis. Points lie inside the
+    radius-0.5 ball, the unit cube the JSD grid covers. ``mean`` is 0 and ``std`` 1 (no
+    normalization), so metrics read the points as they are.
+    """
+
+    def __init__(self, num_shapes: int = 64, classes=PROCEDURAL_CLASSES, tr_sample_size: int = 2048,
+                 te_sample_size: int = 2048, seed: int = 0, random_subsample: bool = True):
+        bad = [c for c in classes if c not in PROCEDURAL_CLASSES]
+        if bad or not classes:
+            raise DataError(f"classes must be a non-empty subset of {PROCEDURAL_CLASSES}, got {list(classes)}")
+        if num_shapes < 1:
+            raise DataError("num_shapes must be at least 1")
+        self.classes = tuple(classes)
+        self.tr_sample_size, self.te_sample_size = tr_sample_size, te_sample_size
+        self.random_subsample = random_subsample
+        pool = max(tr_sample_size, te_sample_size) * 2
+        self.points = np.empty((num_shapes, pool, 3), dtype=np.float32)
+        for i in range(num_shapes):
+            rng = np.random.default_rng([seed, i])
+            pts = _sample_surface(self.classes[i % len(self.classes)], rng, pool)
+            angle = rng.uniform(0, 2 * math.pi)
+            c, s = math.cos(angle), math.sin(angle)
+            rot = np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+            self.points[i] = pts @ rot.T
+        self.half = pool // 2  # first half for training draws, second for test, as PC15k
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, idx: int) -> dict:
+        train, test = self.points[idx, :self.half], self.points[idx, self.half:]
+        if self.random_subsample:
+            tr = np.random.choice(self.half, self.tr_sample_size, replace=False)
+            te = np.random.choice(self.half, self.te_sample_size, replace=False)
+        else:
+            tr, te = np.arange(self.tr_sample_size), np.arange(self.te_sample_size)
+        cls = idx % len(self.classes)
+        return {"idx": idx, "train_points": torch.from_numpy(train[tr]), "test_points": torch.from_numpy(test[te]),
+                "cate_idx": cls, "mean": torch.zeros(1, 3), "std": torch.ones(1, 1),
+                "sid": self.classes[cls], "mid": f"{self.classes[cls]}_{idx:04d}"}
