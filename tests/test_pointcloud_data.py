@@ -28,7 +28,7 @@ def test_pc15k_split_points_and_global_normalization(tmp_path):
     ds = ShapeNetPC15k(tmp_path, categories=("airplane", "chair"), split="train",
                        tr_sample_size=2048, te_sample_size=5000, random_subsample=False)
     assert len(ds) == 6
-    stack = np.stack([raw[(c, "train", k)] for c in ("airplane", "chair") for k in range(3)])
+    stack = np.stack([raw[(c, "train", k)] for c in ("airplane", "chair") for k in range(3)]).astype(np.float64)
     mean = stack.reshape(-1, 3).mean(0)
     std = stack.reshape(-1).std()  # one std over all axes
     item = ds[0]
