@@ -1,0 +1,233 @@
+"""PSF's three training stages as tasks on the shared engine (see `zoo.train.engine`).
+
+1. ``flow``: rectified flow from noise to data (:func:`zoo.models.psf.flow.flow_loss`).
+2. ``reflow``: the stage-1 model's N-step Euler sampler turns stored noise into samples;
+   the (noise, sample) pairs are saved (:func:`make_pairs`) and a model, initialised from
+   stage 1, is retrained on them, which straightens its paths.
+3. ``distill``: pairs from the stage-2 model's multi-step sampler; a model initialised from
+   stage 2 learns the one-step map ``x0 + v(x0, 0)`` under Chamfer distance (or EMD).
+
+:func:`run_pipeline` runs all three (and both pair generations) into one folder.
+Pairs files are safetensors with ``x0`` and ``x1`` ``[P,N,3]`` float32, written atomically.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from zoo.errors import ConfigError, DataError
+from zoo.io import atomic_write
+from zoo.models.psf.flow import distill_loss, flow_loss, sample_euler
+from zoo.models.psf.pvcnn import PVCNN2, PVCNN2Config
+from zoo.train.engine import Dist, Engine, TrainConfig, setup_distributed
+from zoo.train.pointcloud_data import ProceduralShapes, ShapeNetPC15k
+
+__all__ = ["PSFConfig", "PSFTask", "PairsDataset", "make_pairs", "run_pipeline", "load_velocity"]
+
+STAGES = ("flow", "reflow", "distill")
+
+
+@dataclass
+class PSFConfig:
+    """One stage's task settings (the engine's settings are a separate `TrainConfig`)."""
+
+    stage: str = "flow"
+    arch: str = "psf"
+    model: PVCNN2Config = field(default_factory=PVCNN2Config)
+    data: str = "procedural"            # "procedural" or a ShapeNetCore.v2.PC15k folder
+    categories: tuple = ("airplane",)
+    num_shapes: int = 64                # procedural set size
+    pairs: str = ""                     # reflow / distill: the pairs file to train on
+    init: str = ""                      # checkpoint to start from (previous stage)
+    val_fraction: float = 0.125         # pairs / shapes held out for the eval loss (0: eval on train)
+    distill_metric: str = "cd"
+    batch_size: int = 16
+    workers: int = 0
+    seed: int = 42
+
+
+class PairsDataset(Dataset):
+    """(noise, sample) pairs from :func:`make_pairs`: items ``{"x0": [N,3], "x1": [N,3]}``."""
+
+    def __init__(self, path: str | Path, indices: torch.Tensor | None = None):
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"pairs file {path} does not exist; make it with make_pairs() or `run_pipeline`.")
+        data = load_file(str(path))
+        if set(data) != {"x0", "x1"} or data["x0"].shape != data["x1"].shape or data["x0"].dim() != 3:
+            raise DataError(f"{path} is not a pairs file (want x0 and x1 of one shape [P,N,3]).")
+        self.x0, self.x1 = data["x0"], data["x1"]
+        self.indices = torch.arange(len(self.x0)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        j = int(self.indices[i])
+        return {"x0": self.x0[j], "x1": self.x1[j]}
+
+
+@torch.no_grad()
+def make_pairs(model: nn.Module, path: str | Path, num: int, num_points: int, steps: int,
+               seed: int = 0, batch_size: int = 16, device: str | torch.device = "cpu") -> Path:
+    """Sample ``num`` clouds with ``steps`` Euler steps from seeded noise; save the pairs atomically."""
+    from safetensors.torch import save
+
+    model = model.to(device).eval()
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(num, num_points, 3, generator=g)
+    x1 = torch.cat([sample_euler(model, x0[s:s + batch_size].to(device), steps).cpu()
+                    for s in range(0, num, batch_size)])
+    path = Path(path)
+    with atomic_write(path, "wb") as f:
+        f.write(save({"x0": x0.contiguous(), "x1": x1.contiguous()}))
+    return path
+
+
+def load_velocity(path: str | Path, config: PVCNN2Config, prefer_ema: bool = True) -> PVCNN2:
+    """A PVCNN2 with the weights of an engine checkpoint (EMA weights when present)."""
+    from zoo.hub import read_state_dict
+
+    model = PVCNN2(config)
+    sd = read_state_dict(Path(path), prefer_ema=prefer_ema)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{path} does not fit this PVCNN2 config (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}); pass the config it was trained with.")
+    return model
+
+
+class PSFTask:
+    """The `Task` for one PSF stage; eval metric ``loss`` (lower is better) on held-out data."""
+
+    eval_metric = "loss"
+    higher_is_better = False
+
+    def __init__(self, cfg: PSFConfig, env: Dist):
+        if cfg.stage not in STAGES:
+            raise ConfigError(f"stage must be one of {STAGES}, not {cfg.stage!r}")
+        if cfg.distill_metric not in ("cd", "emd"):
+            raise ConfigError(f"distill_metric must be cd or emd, not {cfg.distill_metric!r}")
+        self.cfg, self.env, self.arch = cfg, env, cfg.arch
+        n = cfg.model.num_points
+        if cfg.stage == "flow":
+            if cfg.data == "procedural":
+                full = ProceduralShapes(cfg.num_shapes, tr_sample_size=n, te_sample_size=n, seed=cfg.seed)
+            else:
+                full = ShapeNetPC15k(cfg.data, cfg.categories, "train", n, n)
+            size = len(full)
+        else:
+            if not cfg.pairs:
+                raise ConfigError(f"stage {cfg.stage} trains on (noise, sample) pairs: pass pairs=<file>.")
+            full = PairsDataset(cfg.pairs)
+            size = len(full)
+            if full.x0.shape[1] != n:
+                raise ConfigError(f"the pairs hold {full.x0.shape[1]} points but the model is built for {n}.")
+        n_val = max(1, int(round(size * cfg.val_fraction))) if size > 1 and cfg.val_fraction > 0 else 0
+        perm = torch.randperm(size, generator=torch.Generator().manual_seed(cfg.seed))
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        if len(train_idx) == 0:
+            raise DataError(f"{size} item(s) leave nothing to train on after holding out {n_val}.")
+        self.train_set = torch.utils.data.Subset(full, train_idx.tolist())
+        self.val_set = torch.utils.data.Subset(full, val_idx.tolist()) if n_val else self.train_set
+
+    def build_model(self) -> nn.Module:
+        if self.cfg.init:
+            return load_velocity(self.cfg.init, self.cfg.model)
+        return PVCNN2(self.cfg.model)
+
+    def train_loader(self, epoch: int):
+        g = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        sampler, shuffle = None, True
+        if self.env.distributed:
+            sampler = torch.utils.data.DistributedSampler(self.train_set, self.env.world_size, self.env.rank,
+                                                          seed=self.cfg.seed)
+            sampler.set_epoch(epoch)
+            shuffle = False
+        return torch.utils.data.DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=shuffle,
+                                           sampler=sampler, generator=g, num_workers=self.cfg.workers,
+                                           drop_last=False)
+
+    def _loss(self, model: nn.Module, batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        dev = self.env.device
+        if self.cfg.stage == "flow":
+            x1 = batch["train_points"].to(dev)
+            x0 = t = None
+            if generator is not None:  # evaluation: fixed noise and times
+                x0 = torch.randn(x1.shape, generator=generator).to(dev)
+                t = torch.rand(x1.shape[0], generator=generator).to(dev)
+            return flow_loss(model, x1, x0, t)
+        x0, x1 = batch["x0"].to(dev), batch["x1"].to(dev)
+        if self.cfg.stage == "reflow":
+            t = None if generator is None else torch.rand(x1.shape[0], generator=generator).to(dev)
+            return flow_loss(model, x1, x0, t)
+        return distill_loss(model, x0, x1, self.cfg.distill_metric)
+
+    def train_step(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+        loss = self._loss(model, batch)
+        return loss.mean(), loss.shape[0]
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict:
+        was = model.training
+        model.eval()
+        g = torch.Generator().manual_seed(self.cfg.seed + 1)
+        loader = torch.utils.data.DataLoader(self.val_set, batch_size=self.cfg.batch_size, shuffle=False)
+        state = torch.get_rng_state()  # dataset draws must not shift the training RNG
+        total, count = 0.0, 0
+        for batch in loader:
+            loss = self._loss(model, batch, g)
+            total, count = total + loss.sum().item(), count + loss.shape[0]
+        torch.set_rng_state(state)
+        model.train(was)
+        return {"loss": total / max(count, 1)}
+
+    def epoch_notes(self) -> dict:
+        return {}
+
+
+def run_pipeline(out: str | Path, model: PVCNN2Config, train: dict[str, TrainConfig], data: str = "procedural",
+                 num_shapes: int = 64, num_pairs: int = 64, reflow_steps: int = 100, distill_steps: int = 100,
+                 batch_size: int = 16, seed: int = 42, distill_metric: str = "cd",
+                 env: Dist | None = None) -> dict[str, Path]:
+    """Flow, reflow pairs, reflow, distill pairs, distill; returns the checkpoints and pairs files.
+
+    ``train`` maps each stage to its engine settings (epochs, lr...); their ``output`` is
+    set to ``out`` and ``experiment`` to the stage name.
+    """
+    out = Path(out)
+    env = env or setup_distributed("cpu")
+    paths: dict[str, Path] = {}
+    init, pairs = "", ""
+    for stage in STAGES:
+        if stage in ("reflow", "distill"):
+            teacher = load_velocity(init, model)
+            steps = reflow_steps if stage == "reflow" else distill_steps
+            pairs = str(make_pairs(teacher, out / f"pairs_{stage}.safetensors", num_pairs, model.num_points,
+                                   steps, seed=seed + len(paths), batch_size=batch_size, device=env.device))
+            paths[f"pairs_{stage}"] = Path(pairs)
+        cfg = PSFConfig(stage=stage, arch=f"psf_{stage}", model=model, data=data, num_shapes=num_shapes,
+                        pairs=pairs, init=init, distill_metric=distill_metric, batch_size=batch_size, seed=seed)
+        tc = train[stage]
+        tc.output, tc.experiment = str(out), stage
+        record = {"psf": {k: v for k, v in asdict(cfg).items() if k != "model"}, "model": asdict(model),
+                  "train": asdict(tc)}
+        Engine(PSFTask(cfg, env), tc, args_record=_plain(record), env=env).fit()
+        init = str(out / stage / "model_best.pth.tar")
+        paths[stage] = Path(init)
+    return paths
+
+
+def _plain(obj):
+    """YAML-safe copy: tuples become lists."""
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
