@@ -5,8 +5,10 @@ Installed as ``zoo.models``. Shared building blocks live in `zoo.models.layers`.
 from zoo.models import efficientformer  # noqa: F401  (registers efficientformer_l1/l3/l7)
 from zoo.models import efficientformer_v2  # noqa: F401  (registers efficientformerv2_s0/s1/s2/l)
 from zoo.models import efficientvit  # noqa: F401  (registers efficientvit_m0..m5)
+from zoo.models import psf  # noqa: F401  (registers psf_airplane/chair/car/tiny)
 from zoo.models.efficientformer import EfficientFormer
 from zoo.models.efficientformer_v2 import EfficientFormerV2
 from zoo.models.efficientvit import EfficientVit
+from zoo.models.psf import PSF
 
-__all__ = ["EfficientFormer", "EfficientFormerV2", "EfficientVit"]
+__all__ = ["EfficientFormer", "EfficientFormerV2", "EfficientVit", "PSF"]

@@ -1,0 +1,59 @@
+"""The registered PSF generator: a PVCNN2 velocity field plus its samplers.
+
+``PSF.forward(noise [B,N,3])`` is the one-step generator ``x0 + v(x0, 0)`` (what the
+distilled model is for, and what export traces); :meth:`PSF.sample` runs any number of
+Euler steps or the adaptive RK45 sampler. Generated clouds are in the training data's
+normalized coordinates; ``denormalize`` maps them back when the card knows the statistics.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .flow import OneStepGenerator, sample_euler, sample_rk45
+from .pvcnn import PVCNN2, PVCNN2Config
+
+__all__ = ["PSF"]
+
+
+class PSF(nn.Module):
+    """Point Straight Flow generator over ``num_points`` points (arXiv 2212.01747)."""
+
+    def __init__(self, config: PVCNN2Config = PVCNN2Config()):
+        super().__init__()
+        self.config = config
+        self.velocity = PVCNN2(config)
+
+    @property
+    def num_points(self) -> int:
+        return self.config.num_points
+
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        """One Euler step from ``noise [B,N,3]``: ``noise + v(noise, 0)``."""
+        t = torch.zeros(noise.shape[0], device=noise.device, dtype=noise.dtype)
+        return noise + self.velocity(noise, t)
+
+    def noise(self, num: int, seed: int | None = None, device=None) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        return torch.randn(num, self.num_points, 3, generator=g).to(device or self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def sample(self, num: int = 1, steps: int = 1, method: str = "euler", seed: int | None = None,
+               noise: torch.Tensor | None = None) -> torch.Tensor:
+        """``[num, N, 3]`` clouds: ``method`` ``euler`` with ``steps`` steps, or ``rk45`` (adaptive)."""
+        x0 = noise if noise is not None else self.noise(num, seed)
+        if method == "euler":
+            return sample_euler(self.velocity, x0, steps)
+        if method == "rk45":
+            return sample_rk45(self.velocity, x0)[0]
+        raise ValueError(f"method must be 'euler' or 'rk45', not {method!r}")
+
+    def export_wrapper(self, input_shape=None):
+        """The one-step generator and a noise example ``[B,N,3]`` (``zoo.export`` calls this)."""
+        shape = tuple(input_shape) if input_shape is not None else (1, self.num_points, 3)
+        g = torch.Generator().manual_seed(0)
+        return OneStepGenerator(self.velocity), (torch.randn(shape, generator=g),)
