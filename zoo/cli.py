@@ -86,7 +86,25 @@ def _cmd_demo(args) -> int:
     print(f"\nwrote {out / 'models.json'}")
     _demo_finetune_and_export(out)
     _demo_render(out)
+    _demo_psf(out)
     return 0
+
+
+def _demo_psf(out: Path) -> None:
+    """Sample 16 shapes in one step with psf_tiny's shipped weights and write them with a PNG grid."""
+    from zoo.pointclouds import save_clouds
+    from zoo.registry import create_model, model_card
+
+    if model_card("psf_tiny").default_tag is None:
+        print("\npsf_tiny has no shipped weights in this checkout (run benchmarks/train_psf_tiny.py); skipped")
+        return
+    model = create_model("psf_tiny", pretrained=True)
+    start = time.perf_counter()
+    clouds = model.sample(16, steps=1, seed=0)
+    ms = (time.perf_counter() - start) * 1e3
+    save_clouds(out / "psf_samples", clouds.numpy())
+    print(f"\nsampled 16 point clouds ({model.num_points} points) with psf_tiny in one step ({ms:.0f} ms): "
+          f"{out / 'psf_samples' / 'samples.png'}")
 
 
 def _demo_render(out: Path) -> None:
@@ -172,7 +190,11 @@ def _cmd_export(args) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1.")
     shape = None
-    if args.img_size is not None or args.batch_size is not None:
+    if card.input.kind != "image" and args.img_size is not None:
+        raise ConfigError(f"--img-size is for image models; {args.name} takes {card.input.kind} {card.input.shape}.")
+    if card.input.kind != "image" and args.batch_size is not None:
+        shape = (args.batch_size, *card.input.shape)
+    elif args.img_size is not None or args.batch_size is not None:
         c, h, w = card.input.shape
         if args.img_size is not None:
             h = w = args.img_size

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from zoo.hub import WeightEntry
 from zoo.registry import InputSpec, ModelCard, Paper, register_model
 
@@ -41,6 +43,9 @@ def _from_velocity_keys(sd: dict, model) -> dict:
         while k.startswith(("model.", "module.")):
             k = k.split(".", 1)[1]
         out[f"velocity.{k}"] = v
+    # A bare network carries no data statistics: it generates in its training coordinates.
+    out.setdefault("data_mean", torch.zeros(3))
+    out.setdefault("data_std", torch.ones(1))
     return out
 
 

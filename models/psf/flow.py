@@ -95,12 +95,14 @@ def sample_rk45(model: nn.Module, x0: torch.Tensor, rtol: float = 1e-5, atol: fl
 
 
 class OneStepGenerator(nn.Module):
-    """``noise [B,N,3] -> x0 + v(x0, 0)``: the distilled one-step generator, export-ready."""
+    """``noise [B,N,3] -> mean + std * (x0 + v(x0, 0))``: the one-step generator, export-ready."""
 
-    def __init__(self, velocity: nn.Module):
+    def __init__(self, velocity: nn.Module, mean: torch.Tensor | None = None, std: torch.Tensor | None = None):
         super().__init__()
         self.velocity = velocity
+        self.register_buffer("mean", torch.zeros(3) if mean is None else mean.reshape(3))
+        self.register_buffer("std", torch.ones(1) if std is None else std.reshape(1))
 
     def forward(self, noise: torch.Tensor) -> torch.Tensor:
         t = torch.zeros(noise.shape[0], device=noise.device, dtype=noise.dtype)
-        return noise + self.velocity(noise, t)
+        return self.mean + self.std * (noise + self.velocity(noise, t))

@@ -2,8 +2,9 @@
 
 ``PSF.forward(noise [B,N,3])`` is the one-step generator ``x0 + v(x0, 0)`` (what the
 distilled model is for, and what export traces); :meth:`PSF.sample` runs any number of
-Euler steps or the adaptive RK45 sampler. Generated clouds are in the training data's
-normalized coordinates; ``denormalize`` maps them back when the card knows the statistics.
+Euler steps or the adaptive RK45 sampler. The flow runs in the training data's normalized
+coordinates; the buffers ``data_mean [3]`` and ``data_std [1]`` (saved with the weights, 0
+and 1 when the data was not normalized) map every output back: ``mean + std * x``.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class PSF(nn.Module):
         super().__init__()
         self.config = config
         self.velocity = PVCNN2(config)
+        self.register_buffer("data_mean", torch.zeros(3))
+        self.register_buffer("data_std", torch.ones(1))
 
     @property
     def num_points(self) -> int:
@@ -31,7 +34,11 @@ class PSF(nn.Module):
     def forward(self, noise: torch.Tensor) -> torch.Tensor:
         """One Euler step from ``noise [B,N,3]``: ``noise + v(noise, 0)``."""
         t = torch.zeros(noise.shape[0], device=noise.device, dtype=noise.dtype)
-        return noise + self.velocity(noise, t)
+        return self.denormalize(noise + self.velocity(noise, t))
+
+    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized flow coordinates to data coordinates: ``mean + std * x``."""
+        return self.data_mean + self.data_std * x
 
     def noise(self, num: int, seed: int | None = None, device=None) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -47,13 +54,14 @@ class PSF(nn.Module):
         """``[num, N, 3]`` clouds: ``method`` ``euler`` with ``steps`` steps, or ``rk45`` (adaptive)."""
         x0 = noise if noise is not None else self.noise(num, seed)
         if method == "euler":
-            return sample_euler(self.velocity, x0, steps)
+            return self.denormalize(sample_euler(self.velocity, x0, steps))
         if method == "rk45":
-            return sample_rk45(self.velocity, x0)[0]
+            return self.denormalize(sample_rk45(self.velocity, x0)[0])
         raise ValueError(f"method must be 'euler' or 'rk45', not {method!r}")
 
     def export_wrapper(self, input_shape=None):
         """The one-step generator and a noise example ``[B,N,3]`` (``zoo.export`` calls this)."""
         shape = tuple(input_shape) if input_shape is not None else (1, self.num_points, 3)
         g = torch.Generator().manual_seed(0)
-        return OneStepGenerator(self.velocity), (torch.randn(shape, generator=g),)
+        return (OneStepGenerator(self.velocity, self.data_mean.clone(), self.data_std.clone()),
+                (torch.randn(shape, generator=g),))

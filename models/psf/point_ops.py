@@ -45,7 +45,9 @@ def avg_voxelize(features: torch.Tensor, voxel_coords: torch.Tensor, resolution:
     flat = flat.reshape(-1)
     feats = features.permute(0, 2, 1).reshape(b * n, c)
     sums = torch.zeros(b * r ** 3, c, dtype=features.dtype, device=features.device).index_add(0, flat, feats)
-    counts = torch.bincount(flat, minlength=b * r ** 3).to(features.dtype).clamp_min(1)
+    # index_add rather than bincount: a fixed output size keeps the op exportable
+    ones = torch.ones(b * n, dtype=features.dtype, device=features.device)
+    counts = torch.zeros(b * r ** 3, dtype=features.dtype, device=features.device).index_add(0, flat, ones).clamp_min(1)
     grid = sums / counts[:, None]
     return grid.view(b, r, r, r, c).permute(0, 4, 1, 2, 3)
 

@@ -141,12 +141,16 @@ class ProceduralShapes(Dataset):
     ``classes`` picks among ellipsoids, boxes, tori and capped cylinders (area-uniform
     surface samples), shape ``i`` is of class ``classes[i % len(classes)]`` with its own
     random size and a random rotation about the vertical axis. Points lie inside the
-    radius-0.5 ball, the unit cube the JSD grid covers. ``mean`` is 0 and ``std`` 1 (no
-    normalization), so metrics read the points as they are.
+    radius-0.5 ball, the unit cube the JSD grid covers. By default the points are given as
+    they are (``mean`` 0, ``std`` 1). ``normalize=True`` applies PC15k's global
+    normalization (one mean per axis, one std over everything, computed on this set unless
+    ``mean``/``std`` are given): generative flows start from ``N(0, I)`` noise and learn
+    better when the data has a comparable scale.
     """
 
     def __init__(self, num_shapes: int = 64, classes=PROCEDURAL_CLASSES, tr_sample_size: int = 2048,
-                 te_sample_size: int = 2048, seed: int = 0, random_subsample: bool = True):
+                 te_sample_size: int = 2048, seed: int = 0, random_subsample: bool = True,
+                 normalize: bool = False, mean=None, std=None):
         bad = [c for c in classes if c not in PROCEDURAL_CLASSES]
         if bad or not classes:
             raise DataError(f"classes must be a non-empty subset of {PROCEDURAL_CLASSES}, got {list(classes)}")
@@ -165,6 +169,12 @@ class ProceduralShapes(Dataset):
             rot = np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
             self.points[i] = pts @ rot.T
         self.half = pool // 2  # first half for training draws, second for test, as PC15k
+        self.mean, self.std = np.zeros((1, 3)), np.ones((1, 1))
+        if normalize:
+            flat = self.points[:, :self.half].reshape(-1, 3).astype(np.float64)
+            self.mean = flat.mean(0).reshape(1, 3) if mean is None else np.asarray(mean, np.float64).reshape(1, 3)
+            self.std = flat.reshape(-1).std().reshape(1, 1) if std is None else np.asarray(std, np.float64).reshape(1, 1)
+            self.points = ((self.points - self.mean[None]) / self.std[None]).astype(np.float32)
 
     def __len__(self) -> int:
         return len(self.points)
@@ -178,5 +188,5 @@ class ProceduralShapes(Dataset):
             tr, te = np.arange(self.tr_sample_size), np.arange(self.te_sample_size)
         cls = idx % len(self.classes)
         return {"idx": idx, "train_points": torch.from_numpy(train[tr]), "test_points": torch.from_numpy(test[te]),
-                "cate_idx": cls, "mean": torch.zeros(1, 3), "std": torch.ones(1, 1),
+                "cate_idx": cls, "mean": torch.from_numpy(self.mean).float(), "std": torch.from_numpy(self.std).float(),
                 "sid": self.classes[cls], "mid": f"{self.classes[cls]}_{idx:04d}"}

@@ -41,6 +41,7 @@ class PSFConfig:
     data: str = "procedural"            # "procedural" or a ShapeNetCore.v2.PC15k folder
     categories: tuple = ("airplane",)
     num_shapes: int = 64                # procedural set size
+    normalize_data: bool = False        # procedural: PC15k-style global normalization (PC15k always)
     pairs: str = ""                     # reflow / distill: the pairs file to train on
     init: str = ""                      # checkpoint to start from (previous stage)
     val_fraction: float = 0.125         # pairs / shapes held out for the eval loss (0: eval on train)
@@ -118,10 +119,12 @@ class PSFTask:
         n = cfg.model.num_points
         if cfg.stage == "flow":
             if cfg.data == "procedural":
-                full = ProceduralShapes(cfg.num_shapes, tr_sample_size=n, te_sample_size=n, seed=cfg.seed)
+                full = ProceduralShapes(cfg.num_shapes, tr_sample_size=n, te_sample_size=n, seed=cfg.seed,
+                                        normalize=cfg.normalize_data)
             else:
                 full = ShapeNetPC15k(cfg.data, cfg.categories, "train", n, n)
             size = len(full)
+            self.data_mean, self.data_std = full.mean, full.std
         else:
             if not cfg.pairs:
                 raise ConfigError(f"stage {cfg.stage} trains on (noise, sample) pairs: pass pairs=<file>.")
@@ -194,12 +197,13 @@ class PSFTask:
 
 def run_pipeline(out: str | Path, model: PVCNN2Config, train: dict[str, TrainConfig], data: str = "procedural",
                  num_shapes: int = 64, num_pairs: int = 64, reflow_steps: int = 100, distill_steps: int = 100,
-                 batch_size: int = 16, seed: int = 42, distill_metric: str = "cd",
-                 env: Dist | None = None) -> dict[str, Path]:
+                 batch_size: int = 16, seed: int = 42, distill_metric: str = "cd", normalize_data: bool = False,
+                 env: Dist | None = None) -> dict:
     """Flow, reflow pairs, reflow, distill pairs, distill; returns the checkpoints and pairs files.
 
     ``train`` maps each stage to its engine settings (epochs, lr...); their ``output`` is
-    set to ``out`` and ``experiment`` to the stage name.
+    set to ``out`` and ``experiment`` to the stage name. The result also holds the data's
+    normalization (``data_mean [1,3]``, ``data_std [1,1]``) to store with the generator.
     """
     out = Path(out)
     env = env or setup_distributed("cpu")
@@ -213,12 +217,16 @@ def run_pipeline(out: str | Path, model: PVCNN2Config, train: dict[str, TrainCon
                                    steps, seed=seed + len(paths), batch_size=batch_size, device=env.device))
             paths[f"pairs_{stage}"] = Path(pairs)
         cfg = PSFConfig(stage=stage, arch=f"psf_{stage}", model=model, data=data, num_shapes=num_shapes,
-                        pairs=pairs, init=init, distill_metric=distill_metric, batch_size=batch_size, seed=seed)
+                        pairs=pairs, init=init, distill_metric=distill_metric, batch_size=batch_size, seed=seed,
+                        normalize_data=normalize_data)
         tc = train[stage]
         tc.output, tc.experiment = str(out), stage
         record = {"psf": {k: v for k, v in asdict(cfg).items() if k != "model"}, "model": asdict(model),
                   "train": asdict(tc)}
-        Engine(PSFTask(cfg, env), tc, args_record=_plain(record), env=env).fit()
+        task = PSFTask(cfg, env)
+        if stage == "flow":
+            paths["data_mean"], paths["data_std"] = task.data_mean, task.data_std
+        Engine(task, tc, args_record=_plain(record), env=env).fit()
         init = str(out / stage / "model_best.pth.tar")
         paths[stage] = Path(init)
     return paths
