@@ -32,7 +32,7 @@ class PSF(nn.Module):
         return self.config.num_points
 
     def forward(self, noise: torch.Tensor) -> torch.Tensor:
-        """One Euler step from ``noise [B,N,3]``: ``noise + v(noise, 0)``."""
+        """One Euler step from ``noise [B,N,3]``, in data coordinates: ``denormalize(noise + v(noise, 0))``."""
         t = torch.zeros(noise.shape[0], device=noise.device, dtype=noise.dtype)
         return self.denormalize(noise + self.velocity(noise, t))
 
