@@ -23,7 +23,7 @@ import torch
 import zoo
 from zoo.metrics import compute_all_metrics
 from zoo.tables import format_table
-from zoo.train.pointcloud_data import ProceduralShapes
+from zoo.train.pointcloud_data import procedural_references
 
 
 def main() -> None:
@@ -57,9 +57,7 @@ def main() -> None:
                        ("sampler", "ms", "time / 1-step"), "markdown"))
     print(f"\nspeed-up of one step over {args.long_steps}: {tn / t1:.0f}x (goal: at least 500x)\n")
 
-    ds = ProceduralShapes(args.num, tr_sample_size=model.num_points, te_sample_size=model.num_points, seed=1234,
-                          random_subsample=False)
-    refs = torch.stack([ds[i]["test_points"] for i in range(len(ds))])
+    refs = procedural_references(args.num, model.num_points, seed=1234)
     rows, nna = [], {}
     for steps in (1, 10, 100):
         m = compute_all_metrics(model.sample(noise=noise, steps=steps), refs, emd_exact=True)

@@ -14,7 +14,7 @@ import torch
 from zoo.errors import RenderError
 
 from . import nvdiffrast_backend as nvdr
-from .ops import _check_float, _check_ranges, _check_resolution, _check_tri, resolve_backend
+from .ops import check_raster_inputs, nvdr_raster_args, resolve_backend
 from .torch_raster import TorchPeelState, rasterize_torch
 
 __all__ = ["DepthPeeler", "depth_peel", "composite"]
@@ -32,20 +32,14 @@ class DepthPeeler:
 
     def __init__(self, pos: torch.Tensor, tri: torch.Tensor, resolution, ranges=None,
                  grad_db: bool = True, backend: str = "auto"):
-        _check_float("pos", pos, (2, 3), last=4)
-        self.resolution = _check_resolution(resolution)
-        _check_tri(tri, pos.shape[-2], pos.device)
-        self.ranges = _check_ranges(pos, ranges, tri.shape[0])
+        self.resolution, self.ranges = check_raster_inputs(pos, tri, resolution, ranges)
         self.pos, self.tri, self.grad_db = pos, tri, grad_db
         self.backend = resolve_backend(backend, pos, tri)
         self._state: TorchPeelState | None = None
         self._nv = None
         if self.backend == "nvdiffrast":
-            dr = nvdr.module()
-            self._nv = dr.DepthPeeler(nvdr.context(pos.device), pos.contiguous().float(),
-                                      tri.int().contiguous(), self.resolution,
-                                      ranges=None if self.ranges is None else self.ranges.int().cpu(),
-                                      grad_db=grad_db)
+            self._nv = nvdr.module().DepthPeeler(*nvdr_raster_args(pos, tri, self.resolution, self.ranges),
+                                                 grad_db=grad_db)
 
     def __enter__(self) -> "DepthPeeler":
         if self._nv is not None:

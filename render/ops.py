@@ -95,6 +95,20 @@ def _check_ranges(pos: torch.Tensor, ranges, num_tri: int) -> torch.Tensor | Non
     return r.to(pos.device)
 
 
+def check_raster_inputs(pos: torch.Tensor, tri: torch.Tensor, resolution, ranges):
+    """Validate what :func:`rasterize` (and the depth peeler) draw; returns ``(resolution, ranges)``."""
+    _check_float("pos", pos, (2, 3), last=4)
+    resolution = _check_resolution(resolution)
+    _check_tri(tri, pos.shape[-2], pos.device)
+    return resolution, _check_ranges(pos, ranges, tri.shape[0])
+
+
+def nvdr_raster_args(pos: torch.Tensor, tri: torch.Tensor, resolution, ranges) -> tuple:
+    """``(context, pos, tri, resolution, ranges)`` in the types nvdiffrast's rasterizers want."""
+    return (nvdr.context(pos.device), pos.contiguous().float(), tri.int().contiguous(), resolution,
+            None if ranges is None else ranges.int().cpu())
+
+
 def rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution, ranges: torch.Tensor | None = None,
               grad_db: bool = True, backend: str = "auto"):
     """Rasterize triangles; returns ``(rast, rast_db)``.
@@ -114,15 +128,9 @@ def rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution, ranges: torch.Te
         in pixels. Differentiable in ``pos`` through ``u, v`` and ``rast_db``; the torch
         backend also passes gradients through ``z/w`` (nvdiffrast does not).
     """
-    _check_float("pos", pos, (2, 3), last=4)
-    resolution = _check_resolution(resolution)
-    _check_tri(tri, pos.shape[-2], pos.device)
-    ranges = _check_ranges(pos, ranges, tri.shape[0])
+    resolution, ranges = check_raster_inputs(pos, tri, resolution, ranges)
     if resolve_backend(backend, pos, tri) == "nvdiffrast":
-        dr = nvdr.module()
-        return dr.rasterize(nvdr.context(pos.device), pos.contiguous().float(),
-                            tri.int().contiguous(), resolution,
-                            ranges=None if ranges is None else ranges.int().cpu(), grad_db=grad_db)
+        return nvdr.module().rasterize(*nvdr_raster_args(pos, tri, resolution, ranges), grad_db=grad_db)
     rast, rast_db, _ = rasterize_torch(pos, tri, resolution, ranges, grad_db)
     return rast, rast_db
 

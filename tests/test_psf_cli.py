@@ -98,7 +98,7 @@ def test_shipped_psf_tiny_weights_generate_shapes_not_noise(tmp_path, capsys):
     """The demo path: psf_tiny's packaged weights load offline and make data-like clouds in one step."""
     from zoo.cli import _demo_psf
     from zoo.metrics import chamfer_distance
-    from zoo.train.pointcloud_data import ProceduralShapes
+    from zoo.train.pointcloud_data import procedural_references
 
     card = zoo.model_card("psf_tiny")
     if card.default_tag is None:
@@ -106,8 +106,7 @@ def test_shipped_psf_tiny_weights_generate_shapes_not_noise(tmp_path, capsys):
     _demo_psf(tmp_path)
     clouds = torch.from_numpy(np.load(tmp_path / "psf_samples" / "samples.npy"))
     assert clouds.shape == (16, 512, 3) and (tmp_path / "psf_samples" / "samples.png").is_file()
-    ds = ProceduralShapes(16, tr_sample_size=512, te_sample_size=512, seed=99, random_subsample=False)
-    refs = torch.stack([ds[i]["test_points"] for i in range(16)])
+    refs = procedural_references(16, 512, seed=99)
     # nearest reference per sample, against Gaussian clouds of the data's own spread
     std = float(refs.std())
     blobs = torch.randn(16, 512, 3, generator=torch.Generator().manual_seed(0)) * std

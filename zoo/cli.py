@@ -364,10 +364,9 @@ def _cmd_evaluate(args) -> int:
     model = _generator(args)
     n = model.num_points
     if args.ref == "procedural":
-        from zoo.train.pointcloud_data import ProceduralShapes
+        from zoo.train.pointcloud_data import procedural_references
 
-        ds = ProceduralShapes(args.num, tr_sample_size=n, te_sample_size=n, seed=args.ref_seed, random_subsample=False)
-        refs = torch.stack([ds[i]["test_points"] for i in range(len(ds))])
+        refs = procedural_references(args.num, n, seed=args.ref_seed)
     else:
         ref = Path(args.ref)
         files = [ref] if ref.is_file() else sorted(ref.glob("*.npy"))

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from zoo.errors import ConfigError, WeightsError
 from zoo.train.data import ImageFolder
-from zoo.train.engine import Dist
+from zoo.train.engine import Dist, epoch_loader
 
 __all__ = ["ClassificationConfig", "ClassificationTask", "build_classifier"]
 
@@ -186,22 +186,11 @@ class ClassificationTask:
 
     # --- data ---------------------------------------------------------------------------------
 
-    def _loader(self, dataset, batch_size: int, shuffle: bool, epoch: int, drop_last: bool):
-        sampler, generator = None, torch.Generator().manual_seed(self.cfg.seed + epoch)
-        if self.env.distributed:
-            sampler = torch.utils.data.DistributedSampler(dataset, self.env.world_size, self.env.rank, shuffle=shuffle,
-                                                          seed=self.cfg.seed, drop_last=drop_last)
-            sampler.set_epoch(epoch)
-            shuffle = False
-        return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
-            num_workers=self.cfg.workers, drop_last=drop_last, pin_memory=self.env.device.type == "cuda",
-            persistent_workers=False)
-
     def train_loader(self, epoch: int):
         n = len(self.train_set) // self.env.world_size
         drop_last = n >= self.cfg.batch_size  # a short last batch would break mixup's pairing
-        return self._loader(self.train_set, self.cfg.batch_size, True, epoch, drop_last=drop_last)
+        return epoch_loader(self.train_set, self.cfg.batch_size, epoch, self.cfg.seed, self.env,
+                            workers=self.cfg.workers, drop_last=drop_last)
 
     def train_step(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
         x, y, skipped = batch

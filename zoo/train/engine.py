@@ -39,7 +39,8 @@ import torch.nn as nn
 from zoo.errors import ConfigError, WeightsError
 from zoo.io import atomic_write
 
-__all__ = ["Engine", "Task", "TrainConfig", "Dist", "setup_distributed", "rng_state", "set_rng_state"]
+__all__ = ["Engine", "Task", "TrainConfig", "Dist", "setup_distributed", "rng_state", "set_rng_state",
+           "epoch_loader"]
 
 log = logging.getLogger("zoo.train")
 
@@ -73,6 +74,20 @@ def setup_distributed(device: str | None = None) -> Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if want_cuda else "gloo")
     return Dist(rank, world, local, dev)
+
+
+def epoch_loader(dataset, batch_size: int, epoch: int, seed: int, env: Dist, shuffle: bool = True,
+                 workers: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
+    """One epoch's loader: its shuffle seeded by ``seed + epoch``, sharded by rank under torchrun."""
+    sampler, generator = None, torch.Generator().manual_seed(seed + epoch)
+    if env.distributed:
+        sampler = torch.utils.data.DistributedSampler(dataset, env.world_size, env.rank, shuffle=shuffle, seed=seed,
+                                                      drop_last=drop_last)
+        sampler.set_epoch(epoch)
+        shuffle = False
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
+        num_workers=workers, drop_last=drop_last, pin_memory=env.device.type == "cuda", persistent_workers=False)
 
 
 def rng_state() -> dict:

@@ -17,11 +17,36 @@ from torch.utils.data import Dataset
 
 from zoo.errors import DataError
 
-__all__ = ["SYNSET_IDS", "ShapeNetPC15k", "ProceduralShapes", "PROCEDURAL_CLASSES"]
+__all__ = ["SYNSET_IDS", "ShapeNetPC15k", "ProceduralShapes", "PROCEDURAL_CLASSES", "global_normalize",
+           "procedural_references"]
 
 # The categories the PSF paper reports on; PointFlow's list has all 55.
 SYNSET_IDS = {"airplane": "02691156", "chair": "03001627", "car": "02958343", "table": "04379243",
               "lamp": "03636649", "sofa": "04256520", "rifle": "04090263", "vessel": "04530566"}
+
+
+def global_normalize(points: np.ndarray, stats_from: np.ndarray, mean=None, std=None):
+    """PointFlow's normalization: ``(points - mean) / std`` with one mean per axis and one std.
+
+    The statistics come from ``stats_from`` unless both ``mean`` and
+    ``std`` are given. Returns ``(normalized float32 points, mean [1,3], std [1,1])``.
+    """
+    if (mean is None) != (std is None):
+        raise DataError("pass both mean and std (the training split's), or neither")
+    if mean is None:
+        # Statistics in float64: float32 sums over millions of points drift in the 5th digit.
+        flat = stats_from.reshape(-1, 3).astype(np.float64)
+        mean, std = flat.mean(0), flat.reshape(-1).std()
+    mean = np.asarray(mean, np.float64).reshape(1, 3)
+    std = np.asarray(std, np.float64).reshape(1, 1)
+    return ((points - mean[None]) / std[None]).astype(np.float32), mean, std
+
+
+def procedural_references(num: int, num_points: int, seed: int = 1234) -> torch.Tensor:
+    """``[num, num_points, 3]`` held-out procedural clouds (test points, no subsampling) to evaluate against."""
+    ds = ProceduralShapes(num, tr_sample_size=num_points, te_sample_size=num_points, seed=seed,
+                          random_subsample=False)
+    return torch.stack([ds[i]["test_points"] for i in range(len(ds))])
 
 
 class ShapeNetPC15k(Dataset):
@@ -70,13 +95,7 @@ class ShapeNetPC15k(Dataset):
         self.points = np.stack([shapes[i] for i in order])  # [S,15000,3]
         self.cate_idx = [cate[i] for i in order]
         self.mids = [mids[i] for i in order]
-        if (mean is None) != (std is None):
-            raise DataError("pass both mean and std (the training split's), or neither")
-        # Statistics in float64: float32 sums over millions of points drift in the 5th digit.
-        flat = self.points.reshape(-1, 3).astype(np.float64)
-        self.mean = flat.mean(0).reshape(1, 3) if mean is None else np.asarray(mean, np.float64).reshape(1, 3)
-        self.std = flat.reshape(-1).std().reshape(1, 1) if std is None else np.asarray(std, np.float64).reshape(1, 1)
-        self.points = ((self.points - self.mean[None]) / self.std[None]).astype(np.float32)
+        self.points, self.mean, self.std = global_normalize(self.points, self.points, mean, std)  # all 15,000, as PointFlow
         self.tr_sample_size = min(10000, tr_sample_size)
         self.te_sample_size = min(5000, te_sample_size)
         self.random_subsample = random_subsample
@@ -171,10 +190,7 @@ class ProceduralShapes(Dataset):
         self.half = pool // 2  # first half for training draws, second for test, as PC15k
         self.mean, self.std = np.zeros((1, 3)), np.ones((1, 1))
         if normalize:
-            flat = self.points[:, :self.half].reshape(-1, 3).astype(np.float64)
-            self.mean = flat.mean(0).reshape(1, 3) if mean is None else np.asarray(mean, np.float64).reshape(1, 3)
-            self.std = flat.reshape(-1).std().reshape(1, 1) if std is None else np.asarray(std, np.float64).reshape(1, 1)
-            self.points = ((self.points - self.mean[None]) / self.std[None]).astype(np.float32)
+            self.points, self.mean, self.std = global_normalize(self.points, self.points[:, :self.half], mean, std)
 
     def __len__(self) -> int:
         return len(self.points)

@@ -23,7 +23,7 @@ from zoo.errors import ConfigError, DataError
 from zoo.io import atomic_write
 from zoo.models.psf.flow import distill_loss, flow_loss, sample_euler
 from zoo.models.psf.pvcnn import PVCNN2, PVCNN2Config
-from zoo.train.engine import Dist, Engine, TrainConfig, setup_distributed
+from zoo.train.engine import Dist, Engine, TrainConfig, epoch_loader, setup_distributed
 from zoo.train.pointcloud_data import ProceduralShapes, ShapeNetPC15k
 
 __all__ = ["PSFConfig", "PSFTask", "PairsDataset", "make_pairs", "run_pipeline", "load_velocity"]
@@ -146,16 +146,8 @@ class PSFTask:
         return PVCNN2(self.cfg.model)
 
     def train_loader(self, epoch: int):
-        g = torch.Generator().manual_seed(self.cfg.seed + epoch)
-        sampler, shuffle = None, True
-        if self.env.distributed:
-            sampler = torch.utils.data.DistributedSampler(self.train_set, self.env.world_size, self.env.rank,
-                                                          seed=self.cfg.seed)
-            sampler.set_epoch(epoch)
-            shuffle = False
-        return torch.utils.data.DataLoader(self.train_set, batch_size=self.cfg.batch_size, shuffle=shuffle,
-                                           sampler=sampler, generator=g, num_workers=self.cfg.workers,
-                                           drop_last=False)
+        return epoch_loader(self.train_set, self.cfg.batch_size, epoch, self.cfg.seed, self.env,
+                            workers=self.cfg.workers)
 
     def _loss(self, model: nn.Module, batch, generator: torch.Generator | None = None) -> torch.Tensor:
         dev = self.env.device
