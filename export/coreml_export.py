@@ -180,7 +180,7 @@ def _export(ct, target: ExportTarget, path: Path, precision: str, image_input: b
         # coremltools draws a tqdm bar per pass pipeline on stderr: keep it out of our logs.
         with torch.no_grad(), warnings.catch_warnings(), _quiet_logging(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
-            graph = torch.export.export(wrapper, x).run_decompositions({})
+            graph = _drop_aliases(torch.export.export(wrapper, x).run_decompositions({}))
             ml = ct.convert(
                 graph, convert_to="mlprogram", inputs=inputs, outputs=outputs,
                 classifier_config=ct.ClassifierConfig(labels) if labels is not None else None,
@@ -198,6 +198,26 @@ def _export(ct, target: ExportTarget, path: Path, precision: str, image_input: b
         ml.save(str(path))
         spec = ct.utils.load_spec(str(path))  # what was written, not what is in memory
     return _structural_report(ct, spec, target, path, ref, precision, image_input, labels, target_enum, target_name)
+
+
+def _drop_aliases(program):
+    """Bypass ``aten.alias`` nodes (what ``Tensor.detach`` becomes in an exported graph).
+
+    coremltools 9 has no converter for ``alias``; in an inference graph it is the identity.
+    An alias that is itself a graph output is kept (the output signature names it).
+    """
+    graph = program.graph_module.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten.alias.default \
+                and not any(u.op == "output" for u in node.users):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            changed = True
+    if changed:
+        graph.lint()
+        program.graph_module.recompile()
+    return program
 
 
 def _set_metadata(ml, target: ExportTarget, precision: str, image_input: bool) -> None:

@@ -58,7 +58,7 @@ def to_onnx(
     input_shape=None,
     opset: int = 18,
     dynamic_batch: bool = True,
-    exporter: str = "dynamo",
+    exporter: str = "auto",
     fp16: bool = False,
     verify: bool = True,
     reparam: bool = True,
@@ -69,6 +69,10 @@ def to_onnx(
     input_shape: ``(C, H, W)`` or ``(B, C, H, W)``; default the model's input size at batch
         1. With ``dynamic_batch`` the batch dimension is symbolic (``"batch"``) and B only
         matters for models with an `export_wrapper`.
+    exporter: ``dynamo``, ``torchscript``, or ``auto``: the exporter the model's export
+        target names (`ExportTarget.onnx_exporter`, e.g. PSF's generator, whose ~340-step
+        farthest-point-sampling loop the dynamo exporter's optimizer does not get through),
+        else dynamo.
     verify: after ``onnx.checker`` (full check, always), run the file in onnxruntime and torch
         on the same random inputs at batch 1 and 3 (dynamic) or B (fixed), and raise
         `ExportError` when the relative difference exceeds 1e-4 (fp32) or 1e-2 (fp16). The
@@ -77,14 +81,10 @@ def to_onnx(
     Files appear at `path` only after every check passed; on any error nothing is left
     behind and an existing file at `path` is untouched. Returns an `ExportReport`.
     """
-    if exporter not in ("dynamo", "torchscript"):
-        raise ConfigError(f"exporter must be 'dynamo' or 'torchscript', not {exporter!r}.")
-    lo, hi = opset_range(exporter)
-    if not lo <= int(opset) <= hi:
-        other = "torchscript" if exporter == "dynamo" else "dynamo"
-        olo, ohi = opset_range(other)
-        hint = f" The {other} exporter writes opsets {olo}-{ohi}." if olo <= opset <= ohi else ""
-        raise ExportError(f"the {exporter} exporter writes opsets {lo}-{hi}, not {opset}.{hint}")
+    if exporter not in ("auto", "dynamo", "torchscript"):
+        raise ConfigError(f"exporter must be 'auto', 'dynamo' or 'torchscript', not {exporter!r}.")
+    if exporter != "auto":
+        _check_opset(exporter, opset)
     path = Path(path)
     if path.suffix != ".onnx":
         raise ConfigError(f"ONNX files end in .onnx; got {path}.")
@@ -92,12 +92,24 @@ def to_onnx(
     stage = make_stage(path.parent)
     try:
         target = prepare_target(model, pretrained=pretrained, input_shape=input_shape, reparam=reparam)
+        if exporter == "auto":
+            exporter = target.onnx_exporter or "dynamo"
+            _check_opset(exporter, opset)
         report = _export(target, stage / path.name, opset, dynamic_batch, exporter, fp16, verify)
         publish_verified(report, stage, path.parent, "ONNX", verbose)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     report.seconds = time.perf_counter() - start
     return report
+
+
+def _check_opset(exporter: str, opset: int) -> None:
+    lo, hi = opset_range(exporter)
+    if not lo <= int(opset) <= hi:
+        other = "torchscript" if exporter == "dynamo" else "dynamo"
+        olo, ohi = opset_range(other)
+        hint = f" The {other} exporter writes opsets {olo}-{ohi}." if olo <= opset <= ohi else ""
+        raise ExportError(f"the {exporter} exporter writes opsets {lo}-{hi}, not {opset}.{hint}")
 
 
 def _export(target: ExportTarget, path: Path, opset: int, dynamic: bool, exporter: str, fp16: bool,
@@ -142,6 +154,8 @@ def _export(target: ExportTarget, path: Path, opset: int, dynamic: bool, exporte
     if not path.is_file():
         raise ExportError(f"the {exporter} exporter wrote no file for {target.name}.")
 
+    if not external:
+        _pin_output_dims(path, module, example)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # noqa: BLE001
@@ -166,6 +180,32 @@ def _export(target: ExportTarget, path: Path, opset: int, dynamic: bool, exporte
     else:
         report.skipped.append("numeric comparison skipped (verify=False)")
     return report
+
+
+def _pin_output_dims(path: Path, module: nn.Module, example) -> None:
+    """Write the traced sizes into output dimensions the exporter left symbolic, except the batch.
+
+    Only the batch is dynamic in these exports; the TorchScript exporter's shape inference
+    still loses sizes after some ops (PSF's scatter/gather leave the point count as
+    ``Addpoints_dim_1``), which downstream converters then treat as unknown.
+    """
+    import onnx
+
+    with torch.no_grad():
+        ref = module(*example)
+    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
+    proto = onnx.load(str(path))
+    changed = False
+    for out, r in zip(proto.graph.output, refs):
+        dims = out.type.tensor_type.shape.dim
+        if len(dims) != r.dim():
+            continue
+        for i, d in enumerate(dims):
+            if i > 0 and not d.HasField("dim_value"):
+                d.dim_value = int(r.shape[i])
+                changed = True
+    if changed:
+        onnx.save(proto, str(path))
 
 
 def _compare_in_onnxruntime(target: ExportTarget, path: Path, report: ExportReport, batches, fp16: bool) -> None:

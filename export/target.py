@@ -27,6 +27,8 @@ class ExportTarget:
         output is the batch (made dynamic where the format allows it).
     mean, std: per-channel normalisation of an image input (CoreML folds them into its
         image preprocessing); ``None`` for non-image inputs.
+    onnx_exporter: the torch ONNX exporter this model is known to export with, used when
+        ``to_onnx`` is asked for ``exporter="auto"``; ``None`` means the default (dynamo).
     """
 
     module: nn.Module
@@ -38,6 +40,7 @@ class ExportTarget:
     std: tuple[float, ...] | None = None
     metadata: dict = field(default_factory=dict)
     reparameterized: bool = False
+    onnx_exporter: str | None = None
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)
@@ -60,12 +63,21 @@ class ExportTarget:
         )
 
 
-def _normalise_shape(input_shape) -> tuple[int, ...] | None:
+def _positive_shape(input_shape) -> tuple[int, ...] | None:
     if input_shape is None:
         return None
     shape = tuple(int(s) for s in input_shape)
-    if len(shape) not in (3, 4) or any(s <= 0 for s in shape):
-        raise ConfigError(f"input_shape must be (C, H, W) or (B, C, H, W) with positive sizes, got {tuple(input_shape)}.")
+    if not shape or any(s <= 0 for s in shape):
+        raise ConfigError(f"input_shape must be positive sizes, got {tuple(input_shape)}.")
+    return shape
+
+
+def _image_shape(shape: tuple[int, ...] | None) -> tuple[int, ...] | None:
+    """``(C, H, W)`` or ``(B, C, H, W)`` as ``(B, C, H, W)``."""
+    if shape is None:
+        return None
+    if len(shape) not in (3, 4):
+        raise ConfigError(f"an image model's input_shape is (C, H, W) or (B, C, H, W), got {shape}.")
     return shape if len(shape) == 4 else (1, *shape)
 
 
@@ -81,7 +93,8 @@ def prepare_target(
     model: a registered name (built with `pretrained`, and with ``img_size`` set from
         `input_shape` when that differs from the card's) or an ``nn.Module`` (never modified).
     input_shape: ``(C, H, W)`` or ``(B, C, H, W)`` for image models; default the model's
-        ``pretrained_cfg["input_size"]`` at batch 1.
+        ``pretrained_cfg["input_size"]`` at batch 1. A model with an ``export_wrapper``
+        receives it as given (PSF: ``(N, 3)`` or ``(B, N, 3)``).
 
     Raises `UnknownModelError` for an unknown name and `ConfigError` for an input the model
     cannot take; the model is run once on the example inputs to find out, before any file is
@@ -89,7 +102,7 @@ def prepare_target(
     """
     from zoo.export.reparam import reparameterize
 
-    shape = _normalise_shape(input_shape)
+    shape = _positive_shape(input_shape)
     if isinstance(model, str):
         module = _build(model, pretrained, shape)
         name = model
@@ -119,7 +132,11 @@ def prepare_target(
             sub, inputs = target
             target = ExportTarget(module=sub, inputs=tuple(inputs), name=name)
         target.name = target.name or name
+        # Wrappers build fresh modules (in training mode): an exporter that restores the mode
+        # it found would switch dropout on in the torch reference.
+        target.module.eval()
     else:
+        shape = _image_shape(shape)
         cfg = getattr(module, "pretrained_cfg", None) or {}
         if "input_size" not in cfg:
             raise ConfigError(
@@ -150,6 +167,7 @@ def _build(name: str, pretrained, shape) -> nn.Module:
     card = model_card(name)  # UnknownModelError with suggestions
     overrides = {}
     if shape is not None and card.input.kind == "image":
+        shape = _image_shape(shape)
         if shape[1] != card.input.shape[0]:
             raise ConfigError(f"{name} takes {card.input.shape[0]}-channel images, not {shape[1]}.")
         if tuple(shape[2:]) != tuple(card.input.shape[1:]):

@@ -115,3 +115,14 @@ def test_shipped_psf_tiny_weights_generate_shapes_not_noise(tmp_path, capsys):
         return torch.stack([chamfer_distance(x[i:i + 1].expand(16, -1, -1), refs).min() for i in range(16)]).mean()
 
     assert nearest(clouds) < 0.5 * nearest(blobs)
+
+
+def test_export_psf_with_a_fixed_batch(tiny_ckpt, tmp_path):
+    """`--batch-size` on a point model means ``(B, N, 3)``, not an image's ``(C, H, W)``."""
+    path, _ = tiny_ckpt
+    out = tmp_path / "x"
+    assert main(["export", "psf_tiny", "--pretrained", str(path), "--format", "onnx", "--batch-size", "2",
+                 "--out", str(out)]) == 0
+    onnx_report = json.loads((out / "export-report.json").read_text())["exports"][0]
+    assert onnx_report["inputs"][0]["shape"] == [2, 512, 3] and onnx_report["outputs"][0]["shape"] == [2, 512, 3]
+    assert onnx_report["details"]["exporter"] == "torchscript" and onnx_report["comparisons"][0]["passed"]

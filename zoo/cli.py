@@ -420,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None, help="fixed batch size (default: dynamic for ONNX, 1 for CoreML)")
     s.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension in ONNX (the default)")
     s.add_argument("--opset", type=int, default=18, help="ONNX opset (dynamo: 18+, torchscript: 7-20)")
-    s.add_argument("--exporter", choices=("dynamo", "torchscript"), default="dynamo")
+    s.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                   help="auto: the one the model names (PSF: torchscript), else dynamo")
     s.add_argument("--fp16", action="store_true", help="fp16 ONNX (float16 input/output) and fp16 CoreML")
     s.add_argument("--coreml-precision", choices=("fp16", "fp32"), default="fp16",
                    help="CoreML compute precision when --fp16 is not given (default fp16, as the Neural Engine runs)")

@@ -60,8 +60,23 @@ class PSF(nn.Module):
         raise ValueError(f"method must be 'euler' or 'rk45', not {method!r}")
 
     def export_wrapper(self, input_shape=None):
-        """The one-step generator and a noise example ``[B,N,3]`` (``zoo.export`` calls this)."""
-        shape = tuple(input_shape) if input_shape is not None else (1, self.num_points, 3)
+        """The one-step generator as an `ExportTarget` with a noise example ``[B,N,3]``.
+
+        It names the TorchScript ONNX exporter: the dynamo exporter traces the model (about
+        20 s for psf_tiny) and translates it, but its graph optimizer does not finish on the
+        ~340 unrolled farthest-point-sampling steps (stopped after 10 minutes).
+        ``input_shape``: ``(N, 3)`` or ``(B, N, 3)``; default ``(1, num_points, 3)``.
+        """
+        from zoo.export.target import ExportTarget
+
+        from zoo.errors import ConfigError
+
+        shape = tuple(input_shape) if input_shape is not None else (self.num_points, 3)
+        shape = (1, *shape) if len(shape) == 2 else shape
+        if len(shape) != 3 or shape[2] != 3:
+            raise ConfigError(f"PSF generates from noise of shape (N, 3) or (B, N, 3), not {tuple(input_shape)}.")
         g = torch.Generator().manual_seed(0)
-        return (OneStepGenerator(self.velocity, self.data_mean.clone(), self.data_std.clone()),
-                (torch.randn(shape, generator=g),))
+        module = OneStepGenerator(self.velocity, self.data_mean.clone(), self.data_std.clone())
+        return ExportTarget(module=module, inputs=(torch.randn(shape, generator=g),), name="",
+                            input_names=["noise"], output_names=["points"], onnx_exporter="torchscript",
+                            metadata={"num_points": self.num_points, "sampler": "one Euler step"})

@@ -27,7 +27,7 @@ def normalize_voxel_coords(coords: torch.Tensor, resolution: int, normalize: boo
         c = c / (c.norm(dim=1, keepdim=True).amax(dim=2, keepdim=True) * 2.0 + eps) + 0.5
     else:
         c = (c + 1) / 2.0
-    return (c * resolution).clamp(0, resolution - 1)
+    return (c * resolution).clamp(0.0, float(resolution - 1))
 
 
 def avg_voxelize(features: torch.Tensor, voxel_coords: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -40,16 +40,14 @@ def avg_voxelize(features: torch.Tensor, voxel_coords: torch.Tensor, resolution:
     b, c, n = features.shape
     r = resolution
     idx = torch.round(voxel_coords).long()
-    flat = idx[:, 0] * (r * r) + idx[:, 1] * r + idx[:, 2]  # [B,N]
-    flat = flat + torch.arange(b, device=flat.device)[:, None] * r ** 3
-    flat = flat.reshape(-1)
-    feats = features.permute(0, 2, 1).reshape(b * n, c)
-    sums = torch.zeros(b * r ** 3, c, dtype=features.dtype, device=features.device).index_add(0, flat, feats)
-    # index_add rather than bincount: a fixed output size keeps the op exportable
-    ones = torch.ones(b * n, dtype=features.dtype, device=features.device)
-    counts = torch.zeros(b * r ** 3, dtype=features.dtype, device=features.device).index_add(0, flat, ones).clamp_min(1)
-    grid = sums / counts[:, None]
-    return grid.view(b, r, r, r, c).permute(0, 4, 1, 2, 3)
+    flat = (idx[:, 0] * (r * r) + idx[:, 1] * r + idx[:, 2]).unsqueeze(1)  # [B,1,N]
+    # scatter_add along the point axis, per batch and channel: it exports to ONNX as
+    # ScatterElements(reduction="add"); index_add became an overwriting scatter there, and a
+    # flattened batch offset would freeze the batch size into the graph.
+    sums = features.new_zeros(b, c, r ** 3).scatter_add(2, flat.expand(b, c, n), features)
+    counts = features.new_zeros(b, 1, r ** 3).scatter_add(2, flat, torch.ones_like(features[:, :1]))
+    grid = sums / counts.clamp_min(1.0)  # float bounds on float tensors: CoreML wants matching dtypes
+    return grid.view(b, c, r, r, r)
 
 
 def trilinear_devoxelize(grid: torch.Tensor, voxel_coords: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -88,17 +86,23 @@ def furthest_point_sample(coords: torch.Tensor, num_centers: int) -> torch.Tenso
     the lowest index. A Python loop over the centres (each step is vectorized over points):
     the method is sequential by nature.
     """
-    b, _, n = coords.shape
     pts = coords.detach()
-    chosen = torch.zeros(b, num_centers, dtype=torch.long, device=coords.device)
-    dist = torch.full((b, n), float("inf"), dtype=pts.dtype, device=coords.device)
-    last = torch.zeros(b, dtype=torch.long, device=coords.device)
-    for i in range(1, num_centers):
-        d = (pts - pts.gather(2, last[:, None, None].expand(b, 3, 1))).pow(2).sum(1)
-        dist = torch.minimum(dist, d)
-        last = dist.argmax(1)
-        chosen[:, i] = last
-    return coords.gather(2, chosen.unsqueeze(1).expand(b, 3, num_centers))
+    if num_centers == 1:
+        return coords[:, :, :1]
+    last = pts[:, :, :1]
+    dist = None
+    chosen = []
+    # Indices are collected in a list and stacked once: an in-place write per step would
+    # become one index_put (and a copy) per centre in an exported graph.
+    for _ in range(1, num_centers):
+        d = (pts - last).pow(2).sum(1)  # [B,N]
+        dist = d if dist is None else torch.minimum(dist, d)
+        idx = dist.argmax(1)  # first maximum on ties, as in ONNX's ArgMax
+        last = pts.gather(2, idx[:, None, None].expand(-1, 3, 1))
+        chosen.append(idx)
+    # the start index 0 made from an integer tensor (coremltools drops zeros_like's dtype=)
+    index = torch.stack([torch.zeros_like(chosen[0])] + chosen, 1)  # [B,num_centers]
+    return coords.gather(2, index.unsqueeze(1).expand(-1, 3, -1))
 
 
 def _sq_dist(centers: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import point_ops as P
 
@@ -79,6 +80,20 @@ class Swish(nn.Module):
         return x * torch.sigmoid(x)
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters and keys) that normalizes ``[B,C,*spatial]`` as ``[B,C,L]``.
+
+    Same statistics (each group's channels over all positions); flattening first keeps the
+    exported graph at rank 4, where GroupNorm over a voxel grid ``[B,C,r,r,r]`` would reshape
+    to rank 6 and CoreML allows at most rank 5.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() <= 3:
+            return super().forward(x)
+        return F.group_norm(x.flatten(2), self.num_groups, self.weight, self.bias, self.eps).view_as(x)
+
+
 class SharedMLP(nn.Module):
     """Point-wise (1x1) convs, each followed by GroupNorm(8) and Swish; passes tuples through."""
 
@@ -87,7 +102,7 @@ class SharedMLP(nn.Module):
         conv = nn.Conv1d if dim == 1 else nn.Conv2d
         layers = []
         for oc in out_channels if isinstance(out_channels, (list, tuple)) else [out_channels]:
-            layers += [conv(in_channels, oc, 1), nn.GroupNorm(8, oc), Swish()]
+            layers += [conv(in_channels, oc, 1), GroupNorm(8, oc), Swish()]
             in_channels = oc
         self.layers = nn.Sequential(*layers)
 
@@ -117,7 +132,7 @@ class Attention(nn.Module):
         super().__init__()
         conv = nn.Conv3d if dims == 3 else nn.Conv1d
         self.q, self.k, self.v, self.out = (conv(channels, channels, 1) for _ in range(4))
-        self.norm = nn.GroupNorm(num_groups, channels)
+        self.norm = GroupNorm(num_groups, channels)
         self.nonlin = Swish()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -137,9 +152,9 @@ class PVConv(nn.Module):
                  dropout: float | None = 0.1, with_se: bool = True, with_se_relu: bool = True):
         super().__init__()
         self.resolution = resolution
-        layers = [nn.Conv3d(in_channels, out_channels, 3, padding=1), nn.GroupNorm(8, out_channels), Swish()]
+        layers = [nn.Conv3d(in_channels, out_channels, 3, padding=1), GroupNorm(8, out_channels), Swish()]
         layers += [nn.Dropout(dropout)] if dropout is not None else []
-        layers += [nn.Conv3d(out_channels, out_channels, 3, padding=1), nn.GroupNorm(8, out_channels),
+        layers += [nn.Conv3d(out_channels, out_channels, 3, padding=1), GroupNorm(8, out_channels),
                    Attention(out_channels, 8) if attention else Swish()]
         if with_se:
             layers.append(SE3d(out_channels, use_relu=with_se_relu))
