@@ -41,12 +41,13 @@ def main() -> None:
                             log_interval=0, seed=0),
         "reflow": TrainConfig(epochs=1 if q else 30, opt="adam", lr=5e-4, weight_decay=0.0, sched="cosine",
                               batch_size=16, log_interval=0, seed=1),
-        "distill": TrainConfig(epochs=1 if q else 40, opt="adam", lr=5e-4, weight_decay=0.0, sched="cosine",
+        "distill": TrainConfig(epochs=1 if q else 30, opt="adam", lr=5e-4, weight_decay=0.0, sched="cosine",
                                batch_size=16, log_interval=0, seed=2),
     }
     start = time.time()
     paths = run_pipeline(args.out, cfg, train, data="procedural", num_shapes=64 if q else 512,
                          num_pairs=16 if q else 256, reflow_steps=5 if q else 50, distill_steps=5 if q else 50,
+                         distill_pairs=16 if q else 1024,
                          batch_size=16, seed=0, normalize_data=True)
     sd = read_state_dict(paths["distill"], prefer_ema=True)
     half = {f"velocity.{k}": v.half().contiguous() for k, v in sd.items()}

@@ -89,6 +89,12 @@ def test_one_nna_on_hand_made_sets():
     assert m["MMD-CD"] == 0.0 and m["COV-CD"] == 1.0 and m["COV-EMD"] == 1.0
     assert m["JSD"] == pytest.approx(0.0, abs=1e-12)
     assert set(m) == {"MMD-CD", "MMD-EMD", "COV-CD", "COV-EMD", "1-NNA-CD", "1-NNA-EMD", "JSD"}
+    # Chamfer only: the same Chamfer figures, no EMD entries
+    g = torch.Generator().manual_seed(3)
+    samples, refs = torch.randn(5, 16, 3, generator=g), torch.randn(4, 16, 3, generator=g)
+    full = compute_all_metrics(samples, refs, emd_exact=True)
+    cd = compute_all_metrics(samples, refs, include_emd=False)
+    assert cd == {k: v for k, v in full.items() if "EMD" not in k}
 
 
 def test_mmd_and_cov_definitions():

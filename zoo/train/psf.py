@@ -190,12 +190,14 @@ class PSFTask:
 def run_pipeline(out: str | Path, model: PVCNN2Config, train: dict[str, TrainConfig], data: str = "procedural",
                  num_shapes: int = 64, num_pairs: int = 64, reflow_steps: int = 100, distill_steps: int = 100,
                  batch_size: int = 16, seed: int = 42, distill_metric: str = "cd", normalize_data: bool = False,
-                 env: Dist | None = None) -> dict:
+                 env: Dist | None = None, distill_pairs: int | None = None) -> dict:
     """Flow, reflow pairs, reflow, distill pairs, distill; returns the checkpoints and pairs files.
 
     ``train`` maps each stage to its engine settings (epochs, lr...); their ``output`` is
     set to ``out`` and ``experiment`` to the stage name. The result also holds the data's
     normalization (``data_mean [1,3]``, ``data_std [1,1]``) to store with the generator.
+    ``distill_pairs`` (default ``num_pairs``) sets the distillation set apart: the one-step
+    generator sees only those noises, so it needs more of them than reflow does.
     """
     out = Path(out)
     env = env or setup_distributed("cpu")
@@ -205,7 +207,8 @@ def run_pipeline(out: str | Path, model: PVCNN2Config, train: dict[str, TrainCon
         if stage in ("reflow", "distill"):
             teacher = load_velocity(init, model)
             steps = reflow_steps if stage == "reflow" else distill_steps
-            pairs = str(make_pairs(teacher, out / f"pairs_{stage}.safetensors", num_pairs, model.num_points,
+            count = num_pairs if stage == "reflow" or distill_pairs is None else distill_pairs
+            pairs = str(make_pairs(teacher, out / f"pairs_{stage}.safetensors", count, model.num_points,
                                    steps, seed=seed + len(paths), batch_size=batch_size, device=env.device))
             paths[f"pairs_{stage}"] = Path(pairs)
         cfg = PSFConfig(stage=stage, arch=f"psf_{stage}", model=model, data=data, num_shapes=num_shapes,
