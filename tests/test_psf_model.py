@@ -141,3 +141,17 @@ def test_tiny_pvcnn2_forward_backward_and_time_conditioning():
 def test_grouping_option(grouping):
     m = PVCNN2(tiny_config().replace(grouping=grouping)).eval()
     assert m(torch.randn(1, 128, 3), torch.tensor([0.5])).shape == (1, 128, 3)
+
+
+def test_flattened_group_norm_equals_torch_group_norm_on_voxel_grids():
+    from zoo.models.psf.pvcnn import GroupNorm
+
+    g = torch.Generator().manual_seed(4)
+    ours, ref = GroupNorm(4, 16), torch.nn.GroupNorm(4, 16)
+    with torch.no_grad():
+        ours.weight.copy_(torch.randn(16, generator=g))
+        ours.bias.copy_(torch.randn(16, generator=g))
+    ref.load_state_dict(ours.state_dict())  # same keys
+    for shape in ((2, 16, 5, 6, 7), (2, 16, 9, 4), (2, 16, 11)):
+        x = torch.randn(shape, generator=g) * 3 + 1
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)

@@ -67,9 +67,8 @@ class PSF(nn.Module):
         ~340 unrolled farthest-point-sampling steps (stopped after 10 minutes).
         ``input_shape``: ``(N, 3)`` or ``(B, N, 3)``; default ``(1, num_points, 3)``.
         """
-        from zoo.export.target import ExportTarget
-
         from zoo.errors import ConfigError
+        from zoo.export.target import ExportTarget
 
         shape = tuple(input_shape) if input_shape is not None else (self.num_points, 3)
         shape = (1, *shape) if len(shape) == 2 else shape
