@@ -30,6 +30,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a few epochs only (checks the script, not the weights)")
     p.add_argument("--no-install", action="store_true", help="do not overwrite the package's weights file")
+    p.add_argument("--distill-pairs", type=int, default=256,
+                   help="(noise, sample) pairs for distillation; the shipped weights used 256")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     card = model_card("psf_tiny")
@@ -41,13 +43,13 @@ def main() -> None:
                             log_interval=0, seed=0),
         "reflow": TrainConfig(epochs=1 if q else 30, opt="adam", lr=5e-4, weight_decay=0.0, sched="cosine",
                               batch_size=16, log_interval=0, seed=1),
-        "distill": TrainConfig(epochs=1 if q else 30, opt="adam", lr=5e-4, weight_decay=0.0, sched="cosine",
+        "distill": TrainConfig(epochs=1 if q else 40, opt="adam", lr=5e-4, weight_decay=0.0, sched="cosine",
                                batch_size=16, log_interval=0, seed=2),
     }
     start = time.time()
     paths = run_pipeline(args.out, cfg, train, data="procedural", num_shapes=64 if q else 512,
                          num_pairs=16 if q else 256, reflow_steps=5 if q else 50, distill_steps=5 if q else 50,
-                         distill_pairs=16 if q else 1024,
+                         distill_pairs=16 if q else args.distill_pairs,
                          batch_size=16, seed=0, normalize_data=True)
     sd = read_state_dict(paths["distill"], prefer_ema=True)
     half = {f"velocity.{k}": v.half().contiguous() for k, v in sd.items()}

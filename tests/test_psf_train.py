@@ -64,7 +64,7 @@ def test_three_stages_end_to_end(tmp_path):
     # later stages fine-tune from the previous one: a lower learning rate
     paths = run_pipeline(tmp_path, cfg, {"flow": tc(3, 2e-3), "reflow": tc(3, 5e-4), "distill": tc(3, 5e-4)},
                          num_shapes=12,
-                         num_pairs=8, reflow_steps=4, distill_steps=4, batch_size=4)
+                         num_pairs=8, reflow_steps=4, distill_steps=4, batch_size=4, distill_pairs=12)
     for key in ("flow", "reflow", "distill", "pairs_reflow", "pairs_distill"):
         assert paths[key].is_file(), key
     # stage 1 learns: the held-out flow loss falls
@@ -74,9 +74,10 @@ def test_three_stages_end_to_end(tmp_path):
     flow_model = load_velocity(paths["flow"], cfg).eval()
     pairs = load_file(str(paths["pairs_reflow"]))
     assert pairs["x0"].shape == (8, cfg.num_points, 3)
+    assert load_file(str(paths["pairs_distill"]))["x0"].shape == (12, cfg.num_points, 3)  # its own count
     torch.testing.assert_close(sample_euler(flow_model, pairs["x0"], 4), pairs["x1"], atol=1e-5, rtol=1e-4)
     # reflow and distillation each improve on the model they start from, on their pairs
-    # (8 pairs: too few to hold any out, so this shows optimization, not generalization)
+    # (8 and 12 pairs: too few to hold any out, so this shows optimization, not generalization)
     env = setup_distributed("cpu")
     for stage, start in (("reflow", "flow"), ("distill", "reflow")):
         check = PSFTask(PSFConfig(stage=stage, model=cfg, pairs=str(paths[f"pairs_{stage}"]), val_fraction=0,
