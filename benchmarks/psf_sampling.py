@@ -23,6 +23,7 @@ import math
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -86,7 +87,7 @@ def main() -> None:
         # a stage checkpoint holds the bare network: it generates in the generator's training coordinates
         teacher.data_mean.copy_(model.data_mean)
         teacher.data_std.copy_(model.data_std)
-        runs.append(("teacher (" + args.teacher.split("/")[-2] + ")", teacher, 100))
+        runs.append((f"teacher ({Path(args.teacher).parent.name})", teacher, 100))
     rows, gap_nna = [], {}
     for name, net, steps in runs:
         m = compute_all_metrics(net.sample(noise=gap_noise, steps=steps), gap_refs, include_emd=False)

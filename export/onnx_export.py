@@ -154,13 +154,13 @@ def _export(target: ExportTarget, path: Path, opset: int, dynamic: bool, exporte
     if not path.is_file():
         raise ExportError(f"the {exporter} exporter wrote no file for {target.name}.")
 
-    if not external:
-        _pin_output_dims(path, module, example)
+    proto = onnx.load(str(path), load_external_data=False)
+    if not external and _pin_output_dims(proto, target.output_shapes):
+        onnx.save(proto, str(path))
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as e:  # noqa: BLE001
         raise ExportError(f"onnx.checker rejects the export of {target.name}: {e}") from None
-    proto = onnx.load(str(path), load_external_data=False)
     written = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None)
     if written != opset:
         raise ExportError(f"asked for opset {opset}, the exporter wrote {written}.")
@@ -182,30 +182,25 @@ def _export(target: ExportTarget, path: Path, opset: int, dynamic: bool, exporte
     return report
 
 
-def _pin_output_dims(path: Path, module: nn.Module, example) -> None:
+def _pin_output_dims(proto, shapes: list[tuple[int, ...]]) -> bool:
     """Write the traced sizes into output dimensions the exporter left symbolic, except the batch.
 
     Only the batch is dynamic in these exports; the TorchScript exporter's shape inference
     still loses sizes after some ops (PSF's scatter/gather leave the point count as
-    ``Addpoints_dim_1``), which downstream converters then treat as unknown.
+    ``Addpoints_dim_1``), which downstream converters then treat as unknown. ``shapes`` are
+    the outputs' shapes from `prepare_target`'s run (any batch). Returns whether it changed
+    `proto`.
     """
-    import onnx
-
-    with torch.no_grad():
-        ref = module(*example)
-    refs = ref if isinstance(ref, (tuple, list)) else (ref,)
-    proto = onnx.load(str(path))
     changed = False
-    for out, r in zip(proto.graph.output, refs):
+    for out, shape in zip(proto.graph.output, shapes):
         dims = out.type.tensor_type.shape.dim
-        if len(dims) != r.dim():
+        if len(dims) != len(shape):
             continue
         for i, d in enumerate(dims):
             if i > 0 and not d.HasField("dim_value"):
-                d.dim_value = int(r.shape[i])
+                d.dim_value = int(shape[i])
                 changed = True
-    if changed:
-        onnx.save(proto, str(path))
+    return changed
 
 
 def _compare_in_onnxruntime(target: ExportTarget, path: Path, report: ExportReport, batches, fp16: bool) -> None:

@@ -29,6 +29,8 @@ class ExportTarget:
         image preprocessing); ``None`` for non-image inputs.
     onnx_exporter: the torch ONNX exporter this model is known to export with, used when
         ``to_onnx`` is asked for ``exporter="auto"``; ``None`` means the default (dynamo).
+    output_shapes: the outputs' shapes at the example inputs, recorded by `prepare_target`
+        when it runs the module once.
     """
 
     module: nn.Module
@@ -41,6 +43,7 @@ class ExportTarget:
     metadata: dict = field(default_factory=dict)
     reparameterized: bool = False
     onnx_exporter: str | None = None
+    output_shapes: list[tuple[int, ...]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.inputs = tuple(self.inputs)
@@ -195,5 +198,6 @@ def _check_runs(target: ExportTarget) -> None:
     outs = out if isinstance(out, (tuple, list)) else (out,)
     if not all(isinstance(o, torch.Tensor) for o in outs):
         raise ConfigError(f"{target.name} must return a tensor or a tuple of tensors to be exported.")
+    target.output_shapes = [tuple(o.shape) for o in outs]
     if len(target.output_names) != len(outs):
         target.output_names = [f"output{i}" for i in range(len(outs))] if len(outs) > 1 else target.output_names[:1]

@@ -196,8 +196,8 @@ def run_pipeline(out: str | Path, model: PVCNN2Config, train: dict[str, TrainCon
     ``train`` maps each stage to its engine settings (epochs, lr...); their ``output`` is
     set to ``out`` and ``experiment`` to the stage name. The result also holds the data's
     normalization (``data_mean [1,3]``, ``data_std [1,1]``) to store with the generator.
-    ``distill_pairs`` (default ``num_pairs``) sets the distillation set apart: the one-step
-    generator sees only those noises, so it needs more of them than reflow does.
+    ``distill_pairs`` (default ``num_pairs``) sizes the distillation set on its own: the
+    one-step generator is trained on those noises only.
     """
     out = Path(out)
     env = env or setup_distributed("cpu")
