@@ -272,6 +272,14 @@ def _graph_capture() -> bool:
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
+def eager_cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when a deploy-form fast path may run: eager mode (no tracing, scripting, compiling
+    or exporting), a CPU input, and no autograd graph to record through `x` or `weight`."""
+    return x.device.type == "cpu" and not _graph_capture() and not (
+        torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
+    )
+
+
 def can_write_inplace(t: torch.Tensor) -> bool:
     """True when eager inference may overwrite `t` (a fresh intermediate): no graph capture and
     no autograd history to keep. Deploy forms use it to allocate fewer large buffers, which on
@@ -327,9 +335,7 @@ class DeployConv2d(nn.Conv2d):
     matmul_max_input = 20480
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 4 or _graph_capture() or (
-            torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad)
-        ):
+        if x.dim() != 4 or not eager_cpu_inference(x, self.weight):
             return super().forward(x)
         y = self._forward_fast(x)
         return super().forward(x) if y is None else y
