@@ -265,11 +265,12 @@ class ConvMlpWithNorm(nn.Module):
     ``[B, dim, H, W]`` in and out. In the deploy form, in eager CPU inference, an FFN whose 1x1
     convs are at most `channels_last_max_macs` multiply-adds per image runs its hidden tensor
     channels-last: ``fc1`` as one matrix product writing ``[H*W, hidden]`` rows, the depthwise
-    conv on that layout (oneDNN's NCHW depthwise kernel reorders to a blocked layout and back,
-    ~40% of its time on 2 cores), and ``fc2`` reading those rows transposed, so the output is
-    NCHW again with no layout copy. Wider FFNs keep oneDNN's NCHW 1x1 convs, which are faster
-    there; the threshold comes from A/B runs on 2 cores (every S0/S1 FFN qualifies, S2 from stage
-    2, no V2-L FFN). Same function either way; tracing, export and autograd see the plain path.
+    conv on that layout (oneDNN's NCHW depthwise kernel reorders to a blocked layout and back;
+    its channels-last kernel is 35-45% faster on these shapes on 2 cores), and ``fc2`` reading
+    those rows transposed, so the output is NCHW again with no layout copy. Wider FFNs keep
+    oneDNN's NCHW 1x1 convs, which are faster there; the threshold comes from A/B runs on 2
+    cores (every S0/S1 FFN qualifies, S2 from stage 2, no V2-L FFN). Same function either way;
+    tracing, export and autograd see the plain path.
     """
 
     channels_last_max_macs = 17_000_000
@@ -296,7 +297,8 @@ class ConvMlpWithNorm(nn.Module):
     def _channels_last_applies(self, x: torch.Tensor) -> bool:
         fc1 = _fused_conv(self.fc1)
         return (
-            x.dim() == 4 and x.is_contiguous() and not self.training
+            isinstance(self.fc1, nn.Sequential) and isinstance(self.mid, nn.Sequential)  # conv + activation each
+            and x.dim() == 4 and x.is_contiguous() and not self.training
             and fc1.in_channels * fc1.out_channels * x.shape[-2] * x.shape[-1] <= self.channels_last_max_macs
             and eager_cpu_inference(x, fc1.weight)
         )
