@@ -59,7 +59,6 @@ from zoo.models.layers import (
     ConvNorm,
     bias_index,
     densify_bias,
-    eager_cpu_inference,
     fold_scale_into_out_channels,
     fuse_modules,
     resize_bias_tables,
@@ -262,18 +261,8 @@ class Downsample(nn.Module):
 class ConvMlpWithNorm(nn.Module):
     """FFN: 1x1 Conv-BN-GELU, 3x3 depthwise Conv-BN-GELU, 1x1 Conv-BN. Keys ``fc1``, ``mid``, ``fc2``.
 
-    ``[B, dim, H, W]`` in and out. In the deploy form, in eager CPU inference, an FFN whose 1x1
-    convs are at most `channels_last_max_macs` multiply-adds per image runs its hidden tensor
-    channels-last: ``fc1`` as one matrix product writing ``[H*W, hidden]`` rows, the depthwise
-    conv on that layout (oneDNN's NCHW depthwise kernel reorders to a blocked layout and back;
-    its channels-last kernel is 35-45% faster on these shapes on 2 cores), and ``fc2`` reading
-    those rows transposed, so the output is NCHW again with no layout copy. Wider FFNs keep
-    oneDNN's NCHW 1x1 convs, which are faster there; the threshold comes from A/B runs on 2
-    cores (every S0/S1 FFN qualifies, S2 from stage 2, no V2-L FFN). Same function either way;
-    tracing, export and autograd see the plain path.
+    ``[B, dim, H, W]`` in and out.
     """
-
-    channels_last_max_macs = 17_000_000
 
     def __init__(self, dim: int, hidden: int, act_layer: type[nn.Module] = nn.GELU, drop: float = 0.0):
         super().__init__()
@@ -282,47 +271,9 @@ class ConvMlpWithNorm(nn.Module):
         self.drop1 = nn.Dropout(drop)
         self.fc2 = _conv_norm(hidden, dim)
         self.drop2 = nn.Dropout(drop)
-        self.deployed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.deployed and self._channels_last_applies(x):
-            return self._forward_channels_last(x)
         return self.drop2(self.fc2(self.drop1(self.mid(self.fc1(x)))))
-
-    def fuse(self) -> "ConvMlpWithNorm":
-        """Mark the deploy form; called by `fuse_modules` after fc1/mid/fc2 are folded."""
-        self.deployed = True
-        return self
-
-    def _channels_last_applies(self, x: torch.Tensor) -> bool:
-        fc1 = _fused_conv(self.fc1)
-        return (
-            isinstance(self.fc1, nn.Sequential) and isinstance(self.mid, nn.Sequential)  # conv + activation each
-            and x.dim() == 4 and x.is_contiguous() and not self.training
-            and fc1.in_channels * fc1.out_channels * x.shape[-2] * x.shape[-1] <= self.channels_last_max_macs
-            and eager_cpu_inference(x, fc1.weight)
-        )
-
-    def _forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        n = h * w
-        fc1, mid, fc2 = _fused_conv(self.fc1), _fused_conv(self.mid), _fused_conv(self.fc2)
-        hid = fc1.out_channels
-        w1 = fc1.weight.view(hid, c).t()
-        if b == 1:
-            t = torch.addmm(fc1.bias, x.view(c, n).t(), w1)  # [n, hid]
-        else:
-            t = torch.matmul(x.view(b, c, n).transpose(1, 2), w1).add_(fc1.bias)  # [b, n, hid]
-        t = self.fc1[1](t)
-        # A logical [b, hid, h, w] view of the rows: channels-last memory, which oneDNN keeps.
-        t = self.mid[1](F.conv2d(t.view(b, h, w, hid).permute(0, 3, 1, 2), mid.weight, mid.bias,
-                                 mid.stride, mid.padding, mid.dilation, mid.groups))
-        w2 = fc2.weight.view(c, hid)
-        if b == 1:
-            y = torch.addmm(fc2.bias.view(c, 1), w2, t.view(hid, n))
-        else:
-            y = torch.matmul(w2, t.view(b, hid, n)).add_(fc2.bias.view(1, c, 1))
-        return y.view(b, c, h, w)
 
 
 class EfficientFormerV2Block(nn.Module):

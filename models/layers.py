@@ -20,6 +20,10 @@ __all__ = [
     "densify_bias",
     "fold_scale_into_out_channels",
     "DeployConv2d",
+    "DeployLinear",
+    "KernelCache",
+    "kernel_cache",
+    "onednn_applies",
     "use_deploy_kernels",
     "NormLinear",
     "Residual",
@@ -307,32 +311,96 @@ def mul_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return a + b * c if _graph_capture() else torch.addcmul(a, b, c)
 
 
+def _onednn_ops_available() -> bool:
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(ops, n) for n in ("_convolution_pointwise", "_reorder_convolution_weight",
+                                  "_linear_pointwise", "_reorder_linear_weight"))
+
+
+# PyTorch's own fused oneDNN inference ops (the ones its compiler emits for frozen CPU graphs).
+# They are private, so every use is guarded by this flag and falls back to the public ops.
+_ONEDNN = _onednn_ops_available()
+
+
+def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when the oneDNN kernels with prepacked weights may serve this call: the ops exist
+    in this PyTorch build and both tensors are float32 (the one dtype the paths are tested for)."""
+    return _ONEDNN and x.dtype == torch.float32 and weight.dtype == torch.float32
+
+
+class KernelCache(dict):
+    """Tensors derived from one layer's weights for its fast kernels (prepacked oneDNN weights,
+    dense depthwise matrices), keyed by whatever they depend on, including `weight_key`, so
+    in-place edits and moves rebuild them.
+
+    Not parameters or buffers: never in the state dict, never exported. A deepcopy or pickle of
+    the layer starts with an empty cache (prepacked oneDNN tensors cannot be copied), and at
+    most `max_entries` input shapes are kept per layer.
+    """
+
+    max_entries = 4
+
+    def __deepcopy__(self, memo) -> "KernelCache":
+        return type(self)()
+
+    def __reduce__(self):
+        return type(self), ()
+
+    def get_or_build(self, key, build):
+        value = self.get(key)
+        if value is None:
+            if len(self) >= self.max_entries:
+                self.clear()
+            with torch.no_grad():
+                value = self[key] = build()
+        return value
+
+
+def weight_key(weight: torch.Tensor) -> tuple[int, int]:
+    """What identifies a weight's current values for a `KernelCache`: its storage and version.
+    Inference tensors keep no version; they are keyed by storage alone."""
+    return weight.data_ptr(), -1 if weight.is_inference() else weight._version
+
+
+def kernel_cache(module: nn.Module) -> KernelCache:
+    """`module`'s `KernelCache`, created on first use (kept out of the module's registries)."""
+    cache = module.__dict__.get("_kernel_cache")
+    if cache is None:
+        cache = module.__dict__["_kernel_cache"] = KernelCache()
+    return cache
+
+
 class DeployConv2d(nn.Conv2d):
     """An `nn.Conv2d` (same parameters, same function) with faster eager CPU kernels.
 
-    Small ViTs run hundreds of tiny convolutions, where oneDNN spends ~50 us per call on
-    layout reorders whatever the arithmetic (measured on 2 cores: a 5x5 depthwise conv on a
-    4x4 grid, 46 us). In eager inference on the CPU this module instead computes
+    Small ViTs run hundreds of small convolutions, where the stock ``F.conv2d`` spends tens of
+    microseconds per call reordering the weight into oneDNN's blocked layout whatever the
+    arithmetic (measured on 2 cores: a 3x3 depthwise conv on 192 x 14 x 14, 56 us stock
+    against 34 us with the weight prepacked once). In eager float32 inference on the CPU this
+    module instead computes
 
-    - a 1x1, stride-1, ungrouped conv as one matrix product (``[Co, Ci] @ [B, Ci, H*W]``)
-      when it is small: at most `matmul_max_macs` multiply-adds per image, or an input of at
-      most `matmul_max_input` values (below which PyTorch itself leaves oneDNN for its slower
-      generic kernel). Larger 1x1 convs (EfficientFormer's 56x56 MLPs) are faster in oneDNN;
-      the thresholds come from in-model A/B runs on 2 cores;
+    - a 1x1, stride-1, ungrouped conv at batch 1 of more than `onednn_matmul_min_macs`
+      multiply-adds as one oneDNN matrix product ``W @ X`` (``X = x.view(Ci, H*W)``), then the
+      bias; 1.5-2x faster than the MKL ``addmm`` below at 2-30M MACs (2 cores, AVX-512);
+    - a smaller 1x1 conv, or one at batch > 1 of at most `matmul_max_macs` multiply-adds per
+      image or `matmul_max_input` input values, as ``torch.matmul`` / ``addmm``;
     - a stride-1 depthwise conv with 'same' zero padding on a grid of at most
       `dense_max_tokens` positions as one batched product with a dense per-channel
-      ``[H*W, H*W]`` matrix built from the kernel on first use for each grid size. The
-      matrices are a cache: not parameters, not in the state dict, never exported, rebuilt
-      if the weights change, and capped at `dense_max_bytes` per layer.
+      ``[H*W, H*W]`` matrix built from the kernel (capped at `dense_max_bytes` per layer);
+    - any other conv through oneDNN with its weight reordered once for the input's shape and
+      memory format (``torch.ops.mkldnn._convolution_pointwise``).
 
-    Anything else, and always while tracing, scripting, compiling or exporting, on other
-    devices, or when autograd needs the weights, is the plain ``nn.Conv2d`` forward.
+    Derived weights live in the layer's `KernelCache`. Anything else, and always while
+    tracing, scripting, compiling or exporting, on other devices or dtypes, or when autograd
+    needs the weights, is the plain ``nn.Conv2d`` forward.
     """
 
     dense_max_tokens = 49
     dense_max_bytes = 256 << 10
     matmul_max_macs = 8_000_000
     matmul_max_input = 20480
+    onednn_matmul_min_macs = 2_000_000
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or not eager_cpu_inference(x, self.weight):
@@ -341,26 +409,47 @@ class DeployConv2d(nn.Conv2d):
         return super().forward(x) if y is None else y
 
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The matrix-product paths, or None where the plain convolution is the better kernel."""
+        """The fast paths, or None where the stock convolution is the only choice."""
         b, c, h, w = x.shape
-        if self.kernel_size == (1, 1) and self.groups == 1 and self.stride == (1, 1) and self.padding == (0, 0) \
-                and (c * self.out_channels * h * w <= self.matmul_max_macs or c * h * w <= self.matmul_max_input):
+        onednn = onednn_applies(x, self.weight)
+        if self.kernel_size == (1, 1) and self.groups == 1 and self.stride == (1, 1) and self.padding == (0, 0):
+            macs = c * self.out_channels * h * w
             weight = self.weight.view(self.out_channels, c)
-            if b == 1:
-                y = torch.addmm(self.bias.view(-1, 1), weight, x.view(c, h * w)) if self.bias is not None else weight @ x.view(c, h * w)
-            else:
-                y = torch.matmul(weight, x.reshape(b, c, h * w))
+            if b == 1 and onednn and macs > self.onednn_matmul_min_macs:
+                # linear(A, B) = A @ B.T: the weight is the left operand, the activation (as its
+                # transpose, a free view) the right one, so the product lands in NCHW.
+                y = torch.ops.mkldnn._linear_pointwise(weight, x.reshape(c, h * w).t(), None, "none", [], "")
                 if self.bias is not None:
-                    y = y + self.bias.view(1, -1, 1)
-            return y.view(b, self.out_channels, h, w)
+                    y.add_(self.bias.view(-1, 1))
+                return y.view(1, self.out_channels, h, w)
+            if macs <= self.matmul_max_macs or c * h * w <= self.matmul_max_input:
+                if b == 1:
+                    xs = x.reshape(c, h * w)
+                    y = torch.addmm(self.bias.view(-1, 1), weight, xs) if self.bias is not None else weight @ xs
+                else:
+                    y = torch.matmul(weight, x.reshape(b, c, h * w))
+                    if self.bias is not None:
+                        y = y + self.bias.view(1, -1, 1)
+                return y.view(b, self.out_channels, h, w)
         dense = self._dense_depthwise(h, w, x.dtype)
         if dense is not None:
             n = h * w
-            xs = x.view(c, 1, n) if b == 1 else x.reshape(b, c, n).transpose(0, 1)
+            xs = x.reshape(c, 1, n) if b == 1 else x.reshape(b, c, n).transpose(0, 1)
             bias = self.bias.view(c, 1, 1) if self.bias is not None else None
             y = torch.baddbmm(bias, xs, dense) if bias is not None else torch.bmm(xs, dense)
             return y.view(1, c, h, w) if b == 1 else y.transpose(0, 1).reshape(b, c, h, w)
+        if onednn and self.padding_mode == "zeros" and isinstance(self.padding, tuple):
+            return self._onednn_conv(x)
         return None
+
+    def _onednn_conv(self, x: torch.Tensor) -> torch.Tensor:
+        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        key = ("conv", tuple(x.shape), channels_last, weight_key(self.weight))
+        packed = kernel_cache(self).get_or_build(key, lambda: torch.ops.mkldnn._reorder_convolution_weight(
+            self.weight.detach().contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format),
+            *args, list(x.shape)))
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *args, "none", [], "")
 
     def _dense_depthwise(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor | None:
         k = self.kernel_size
@@ -375,26 +464,44 @@ class DeployConv2d(nn.Conv2d):
             and c * (h * w) ** 2 * self.weight.element_size() <= self.dense_max_bytes
         ):
             return None
-        key = (h, w, dtype, self.weight._version, self.weight.data_ptr())
-        cache = self.__dict__.setdefault("_dense_cache", {})
-        if key not in cache:
-            cache.clear()
+
+        def build() -> torch.Tensor:
             n = h * w
-            with torch.no_grad():
-                # Response to a unit impulse at each position q: row q of the matrix, per channel.
-                impulses = torch.eye(n, dtype=dtype).view(n, 1, h, w).expand(n, c, h, w)
-                resp = F.conv2d(impulses, self.weight.to(dtype), None, 1, self.padding, 1, c)
-                cache[key] = resp.reshape(n, c, n).transpose(0, 1).contiguous()  # [C, q, p]
-        return cache[key]
+            # Response to a unit impulse at each position q: row q of the matrix, per channel.
+            impulses = torch.eye(n, dtype=dtype).view(n, 1, h, w).expand(n, c, h, w)
+            resp = F.conv2d(impulses, self.weight.to(dtype), None, 1, self.padding, 1, c)
+            return resp.reshape(n, c, n).transpose(0, 1).contiguous()  # [C, q, p]
+
+        key = ("dense", h, w, dtype, weight_key(self.weight))
+        return kernel_cache(self).get_or_build(key, build)
+
+
+class DeployLinear(nn.Linear):
+    """An `nn.Linear` (same parameters, same function) whose eager float32 CPU inference runs
+    oneDNN's matrix product with the weight prepacked once per number of input rows (about 2x
+    MKL's ``addmm`` at EfficientFormer's token MLP sizes on 2 cores). Otherwise, and always
+    while tracing or exporting or when autograd needs the weight, the plain forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features if self.in_features else 0
+        if rows == 0 or not (eager_cpu_inference(x, self.weight) and onednn_applies(x, self.weight)):
+            return super().forward(x)
+        key = ("linear", rows, weight_key(self.weight))
+        packed = kernel_cache(self).get_or_build(
+            key, lambda: torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows))
+        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
 
 
 def use_deploy_kernels(module: nn.Module) -> nn.Module:
-    """Turn every plain `nn.Conv2d` in `module` into a `DeployConv2d` and every `nn.GELU` into a
-    `DeployGELU`, in place (same parameters, same function). Only for modules whose GELUs act
-    on fresh intermediates (true of every family here)."""
+    """Turn every plain `nn.Conv2d` in `module` into a `DeployConv2d`, every `nn.Linear` into a
+    `DeployLinear` and every `nn.GELU` into a `DeployGELU`, in place (same parameters, same
+    function). Only for modules whose GELUs act on fresh intermediates (true of every family
+    here)."""
     for m in module.modules():
         if type(m) is nn.Conv2d:
             m.__class__ = DeployConv2d
+        elif type(m) is nn.Linear:
+            m.__class__ = DeployLinear
         elif type(m) is nn.GELU:
             m.__class__ = DeployGELU
     return module

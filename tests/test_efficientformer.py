@@ -303,28 +303,3 @@ def test_coreml_export(name, tmp_path):
     assert {"conv", "softmax", "matmul"} <= set(ops)
     assert not any("cubic" in t for t in ops)  # bias tables are resized at load, never in the graph
     assert set(report.details["compute_op_dtypes"]) == {"FLOAT16"}
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_v2_ffn_channels_last_deploy_path_equals_the_plain_convs(batch, monkeypatch):
-    from zoo.models.efficientformer_v2 import ConvMlpWithNorm
-    from zoo.models.layers import fuse_modules, use_deploy_kernels
-
-    ffn = randomize_(ConvMlpWithNorm(24, 96)).eval()
-    ref = torch.nn.Sequential(ffn.fc1, ffn.mid, ffn.fc2)  # the unfused convs, shared weights
-    x = torch.randn(batch, 24, 14, 14)
-    with torch.no_grad():
-        expected = ref(x)
-    deployed = use_deploy_kernels(fuse_modules(torch.nn.Sequential(ffn)))[0].requires_grad_(False)
-    assert deployed.deployed
-    calls = []
-    original = ConvMlpWithNorm._forward_channels_last
-    monkeypatch.setattr(ConvMlpWithNorm, "_forward_channels_last", lambda self, t: calls.append(1) or original(self, t))
-    with torch.inference_mode():
-        out = deployed(x)
-    assert calls and out.is_contiguous() and rel_err(out, expected) < 1e-5
-    # wider than the threshold: the plain convs, same result
-    monkeypatch.setattr(ConvMlpWithNorm, "channels_last_max_macs", 0)
-    with torch.inference_mode():
-        assert rel_err(deployed(x), expected) < 1e-5
-    assert len(calls) == 1

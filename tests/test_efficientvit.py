@@ -1,8 +1,6 @@
 """EfficientViT M0-M5: same weights in, same outputs out as timm; official layout; deploy form."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import timm
 import torch
@@ -10,7 +8,7 @@ from safetensors.torch import save_file
 
 import zoo
 from zoo.testing import randomize_, rel_err
-from zoo.models.layers import DeployConv2d, bias_index
+from zoo.models.layers import bias_index
 
 VARIANTS = [f"m{i}" for i in range(6)]
 
@@ -120,33 +118,6 @@ def test_deploy_form_drops_bias_tables_and_keeps_outputs_in_grad_mode_too():
     assert rel_err(deployed(x), ref) < 1e-5  # autograd on: the plain conv path
     with torch.inference_mode():
         assert rel_err(deployed(x), ref) < 1e-5  # the eager CPU kernels
-
-
-@pytest.mark.parametrize(
-    "conv",
-    [
-        torch.nn.Conv2d(16, 48, 1),
-        torch.nn.Conv2d(16, 16, 5, padding=2, groups=16),
-        torch.nn.Conv2d(32, 32, 3, padding=1, groups=32),
-        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
-    ],
-)
-@pytest.mark.parametrize("shape", [(1, 7, 7), (3, 4, 4), (2, 14, 14)])
-def test_deploy_conv_kernels_equal_conv2d(conv, shape):
-    b, h, w = shape
-    ref = copy.deepcopy(conv).requires_grad_(False)
-    fast = copy.deepcopy(conv).requires_grad_(False)
-    fast.__class__ = DeployConv2d
-    x = torch.randn(b, conv.in_channels, h, w)
-    with torch.inference_mode():
-        assert rel_err(fast(x), ref(x)) < 1e-5
-    # the dense matrices are a cache of the weights: changing them must not serve stale results
-    with torch.no_grad():
-        fast.weight.mul_(-2.0)
-        ref.weight.mul_(-2.0)
-    with torch.inference_mode():
-        assert rel_err(fast(x), ref(x)) < 1e-5
-    assert "_dense_cache" not in fast.state_dict()
 
 
 def test_img_size_256_pads_windows_and_wrong_sizes_are_clear_errors():

@@ -1,9 +1,130 @@
-"""Shared layers: in-place deploy helpers and bias-table utilities."""
+"""Shared layers: deploy kernels, in-place deploy helpers and bias-table utilities."""
 from __future__ import annotations
 
+import copy
+import io
+
+import pytest
 import torch
 
-from zoo.models.layers import ChannelAffine, DeployGELU, add_, bias_index, resize_bias_tables
+import zoo.models.layers as layers
+from zoo.models.layers import (
+    ChannelAffine,
+    DeployConv2d,
+    DeployGELU,
+    DeployLinear,
+    add_,
+    bias_index,
+    kernel_cache,
+    resize_bias_tables,
+)
+from zoo.testing import rel_err
+
+needs_onednn = pytest.mark.skipif(not layers._ONEDNN, reason="this PyTorch build has no oneDNN fused ops")
+
+
+def _deploy_copy(layer: torch.nn.Module, cls: type) -> tuple[torch.nn.Module, torch.nn.Module]:
+    ref = copy.deepcopy(layer).requires_grad_(False)
+    fast = copy.deepcopy(layer).requires_grad_(False)
+    fast.__class__ = cls
+    return ref, fast
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        torch.nn.Conv2d(16, 48, 1),  # small 1x1: addmm
+        torch.nn.Conv2d(96, 128, 1),  # 1x1 above onednn_matmul_min_macs at 14x14
+        torch.nn.Conv2d(96, 128, 1, bias=False),
+        torch.nn.Conv2d(16, 16, 5, padding=2, groups=16),
+        torch.nn.Conv2d(32, 32, 3, padding=1, groups=32),
+        torch.nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False),
+        torch.nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24),  # strided depthwise: oneDNN prepacked
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1),  # dense stem-like conv: oneDNN prepacked
+        torch.nn.Conv2d(8, 16, 3, padding=1, bias=False),
+    ],
+)
+@pytest.mark.parametrize("shape", [(1, 7, 7), (3, 4, 4), (2, 14, 14), (1, 14, 14)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_deploy_conv_kernels_equal_conv2d(conv, shape, channels_last):
+    b, h, w = shape
+    ref, fast = _deploy_copy(conv, DeployConv2d)
+    x = torch.randn(b, conv.in_channels, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        assert rel_err(fast(x), ref(x)) < 1e-5
+    # derived weights are a cache: changing the weights must not serve stale results
+    with torch.no_grad():
+        fast.weight.mul_(-2.0)
+        ref.weight.mul_(-2.0)
+    with torch.inference_mode():
+        assert rel_err(fast(x), ref(x)) < 1e-5
+    assert not any("cache" in k for k in fast.state_dict())
+
+
+@needs_onednn
+def test_deploy_conv_takes_the_onednn_paths_and_falls_back_outside_float32_inference(monkeypatch):
+    dense = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+    pointwise = torch.nn.Conv2d(96, 128, 1)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(torch.ops.mkldnn, name)
+
+        def _linear_pointwise(self, *args):
+            calls.append("matmul")
+            return real(*args)
+
+    for conv, x in ((dense, torch.randn(1, 8, 16, 16)), (pointwise, torch.randn(1, 96, 14, 14))):
+        ref, fast = _deploy_copy(conv, DeployConv2d)
+        with torch.inference_mode():
+            if conv is pointwise:
+                monkeypatch.setattr(torch.ops, "mkldnn", Spy())
+            assert rel_err(fast(x), ref(x)) < 1e-5
+            monkeypatch.undo()
+        if conv is dense:
+            assert [k[0] for k in kernel_cache(fast)] == ["conv"]
+        else:
+            assert calls == ["matmul"]
+        # float64, and autograd through the weights: the stock convolution, nothing cached
+        fresh = copy.deepcopy(fast)
+        assert len(kernel_cache(fresh)) == 0
+        with torch.inference_mode():
+            assert rel_err(fresh.double()(x.double()), ref.double()(x.double())) < 1e-10
+        fresh = copy.deepcopy(fast).float().requires_grad_(True)
+        fresh(x).sum().backward()
+        assert fresh.weight.grad is not None and len(kernel_cache(fresh)) == 0
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(5, 48), (2, 49, 48), (1, 1, 48)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_deploy_linear_equals_linear_and_copies_drop_the_prepacked_weight(shape, bias):
+    ref, fast = _deploy_copy(torch.nn.Linear(48, 96, bias=bias), DeployLinear)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        assert rel_err(fast(x), ref(x)) < 1e-5
+    assert len(kernel_cache(fast)) == 1
+    with torch.no_grad():
+        fast.weight.mul_(0.5)
+        ref.weight.mul_(0.5)
+    with torch.inference_mode():
+        assert rel_err(fast(x), ref(x)) < 1e-5
+    # an opaque prepacked tensor cannot be copied or saved; the layer still can
+    twin = copy.deepcopy(fast)
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.inference_mode():
+        assert rel_err(twin(x), ref(x)) < 1e-5 and rel_err(loaded(x), ref(x)) < 1e-5
+    # autograd: the plain forward, gradients flow to the weight
+    fast.requires_grad_(True)
+    fast(x).square().sum().backward()
+    assert fast.weight.grad is not None
 
 
 def test_deploy_gelu_and_residual_add_write_in_place_only_when_safe():
