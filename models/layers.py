@@ -371,6 +371,11 @@ def kernel_cache(module: nn.Module) -> KernelCache:
     return cache
 
 
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor stored channels-last (and not also plain contiguous, as when H = W = 1)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 class DeployConv2d(nn.Conv2d):
     """An `nn.Conv2d` (same parameters, same function) with faster eager CPU kernels.
 
@@ -380,16 +385,23 @@ class DeployConv2d(nn.Conv2d):
     against 34 us with the weight prepacked once). In eager float32 inference on the CPU this
     module instead computes
 
-    - a 1x1, stride-1, ungrouped conv at batch 1 of more than `onednn_matmul_min_macs`
-      multiply-adds as one oneDNN matrix product ``W @ X`` (``X = x.view(Ci, H*W)``), then the
-      bias; 1.5-2x faster than the MKL ``addmm`` below at 2-30M MACs (2 cores, AVX-512);
+    - a 1x1, stride-1, ungrouped conv of more than `onednn_matmul_min_macs` multiply-adds on
+      a channels-last input as one oneDNN product of its ``[B*H*W, Ci]`` rows with the weight
+      prepacked, bias fused; the output is channels-last too, so chains stay in that layout;
+    - such a conv at batch 1 on an NCHW input as one oneDNN product ``W @ X``
+      (``X = x.view(Ci, H*W)``), then the bias, giving NCHW; both oneDNN products are 1.5-2x
+      MKL's ``addmm`` at 2-30M MACs (2 cores, AVX-512);
     - a smaller 1x1 conv, or one at batch > 1 of at most `matmul_max_macs` multiply-adds per
       image or `matmul_max_input` input values, as ``torch.matmul`` / ``addmm``;
     - a stride-1 depthwise conv with 'same' zero padding on a grid of at most
       `dense_max_tokens` positions as one batched product with a dense per-channel
       ``[H*W, H*W]`` matrix built from the kernel (capped at `dense_max_bytes` per layer);
-    - any other conv through oneDNN with its weight reordered once for the input's shape and
-      memory format (``torch.ops.mkldnn._convolution_pointwise``).
+    - any other conv through oneDNN with its weight reordered once for the input's shape
+      (``torch.ops.mkldnn._convolution_pointwise``), which returns channels-last memory.
+
+    So in eager inference a deploy-form model passes channels-last (NCHW-shaped, NHWC-strided)
+    tensors between many layers: values are the same, but code outside the model should use
+    ``reshape``, not ``view``, on features it takes from one.
 
     Derived weights live in the layer's `KernelCache`. Anything else, and always while
     tracing, scripting, compiling or exporting, on other devices or dtypes, or when autograd
@@ -415,6 +427,15 @@ class DeployConv2d(nn.Conv2d):
         if self.kernel_size == (1, 1) and self.groups == 1 and self.stride == (1, 1) and self.padding == (0, 0):
             macs = c * self.out_channels * h * w
             weight = self.weight.view(self.out_channels, c)
+            if onednn and macs > self.onednn_matmul_min_macs and _is_channels_last(x):
+                # Rows in, rows out: [B*H*W, Ci] @ W.T with the weight prepacked, bias fused;
+                # the result is the NCHW tensor with channels-last strides, as oneDNN convs give.
+                rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
+                key = ("rows", rows.shape[0], weight_key(self.weight))
+                packed = kernel_cache(self).get_or_build(
+                    key, lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows.shape[0]))
+                y = torch.ops.mkldnn._linear_pointwise(rows, packed, self.bias, "none", [], "")
+                return y.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
             if b == 1 and onednn and macs > self.onednn_matmul_min_macs:
                 # linear(A, B) = A @ B.T: the weight is the left operand, the activation (as its
                 # transpose, a free view) the right one, so the product lands in NCHW.
@@ -444,7 +465,7 @@ class DeployConv2d(nn.Conv2d):
 
     def _onednn_conv(self, x: torch.Tensor) -> torch.Tensor:
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        channels_last = _is_channels_last(x)
         key = ("conv", tuple(x.shape), channels_last, weight_key(self.weight))
         packed = kernel_cache(self).get_or_build(key, lambda: torch.ops.mkldnn._reorder_convolution_weight(
             self.weight.detach().contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format),

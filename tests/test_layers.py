@@ -89,6 +89,12 @@ def test_deploy_conv_takes_the_onednn_paths_and_falls_back_outside_float32_infer
             assert [k[0] for k in kernel_cache(fast)] == ["conv"]
         else:
             assert calls == ["matmul"]
+            # channels-last in: rows through the prepacked weight, channels-last out
+            xcl = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                y = fast(xcl)
+            assert y.is_contiguous(memory_format=torch.channels_last) and rel_err(y, ref(x)) < 1e-5
+            assert [k[0] for k in kernel_cache(fast)] == ["rows"]
         # float64, and autograd through the weights: the stock convolution, nothing cached
         fresh = copy.deepcopy(fast)
         assert len(kernel_cache(fresh)) == 0
