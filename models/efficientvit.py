@@ -54,6 +54,7 @@ from zoo.models.layers import (
     Residual,
     bias_index,
     densify_bias,
+    eager_cpu_inference,
     fuse_modules,
     resize_bias_tables,
     use_deploy_kernels,
@@ -135,6 +136,10 @@ class CascadedGroupAttention(nn.Module):
 
     def _forward_deploy(self, x: torch.Tensor) -> torch.Tensor:
         # Same function with the scale inside the query conv and dense per-head bias tensors.
+        if x.dim() == 4 and eager_cpu_inference(x, self.qkvs[0].weight):
+            out = self._forward_deploy_matmuls(x)
+            if out is not None:
+                return out
         r, kd, vd = self.resolution, self.key_dim, self.val_dim
         feats_in = x.chunk(self.num_heads, dim=1)
         feats_out = []
@@ -148,6 +153,38 @@ class CascadedGroupAttention(nn.Module):
             feat = torch.matmul(v.flatten(2), attn.softmax(dim=-1).transpose(-2, -1)).view(-1, vd, r, r)
             feats_out.append(feat)
         return self.proj(torch.cat(feats_out, dim=1))
+
+    def _forward_deploy_matmuls(self, x: torch.Tensor) -> torch.Tensor | None:
+        """`_forward_deploy` for eager CPU inference as direct batched products over the windows'
+        ``[B, C, N]`` token matrices: each head's qkv conv is an ``addmm``/``baddbmm``, its query
+        conv a product with the dense depthwise matrix `DeployConv2d` caches, the bias add
+        fused into the score product. Half the ops and no module calls per head (the heads run
+        in sequence, so per-op overhead is what a small window costs). None when a query conv
+        has no dense form (a window over `DeployConv2d.dense_max_tokens`)."""
+        b, c, r, _ = x.shape
+        n, kd, vd = r * r, self.key_dim, self.val_dim
+        dense = [getattr(dw, "_dense_depthwise", lambda *a: None)(r, r, x.dtype) for dw in self.dws]
+        if any(d is None for d in dense) or any(m.bias is None for m in (*self.qkvs, *self.dws)):
+            return None
+        xs = x.reshape(b, c, n)
+        ch = c // self.num_heads
+        feats_out = []
+        feat = None
+        for i, (qkv_conv, dw) in enumerate(zip(self.qkvs, self.dws)):
+            part = xs[:, i * ch:(i + 1) * ch]
+            feat = part if feat is None else feat + part  # [b, ch, n]
+            w = qkv_conv.weight.view(-1, ch)
+            if b == 1:
+                qkv = torch.addmm(qkv_conv.bias.view(-1, 1), w, feat[0]).unsqueeze(0)
+            else:
+                qkv = torch.baddbmm(qkv_conv.bias.view(1, -1, 1), w.expand(b, -1, -1), feat)
+            q, k, v = qkv.split([kd, kd, vd], dim=1)
+            # depthwise conv on the query: per channel, [b, n] @ [n, n]; then queries as rows
+            q = torch.baddbmm(dw.bias.view(-1, 1, 1), q.transpose(0, 1), dense[i]).permute(1, 2, 0)
+            attn = torch.baddbmm(self.attention_bias_dense[i], q, k).softmax(dim=-1)  # [b, n, n]
+            feat = torch.bmm(v, attn.transpose(1, 2))  # [b, vd, n]
+            feats_out.append(feat)
+        return self.proj(torch.cat(feats_out, dim=1).view(b, -1, r, r))
 
     @torch.no_grad()
     def fuse(self) -> "CascadedGroupAttention":

@@ -385,8 +385,8 @@ class DeployConv2d(nn.Conv2d):
     against 34 us with the weight prepacked once). In eager float32 inference on the CPU this
     module instead computes
 
-    - a 1x1, stride-1, ungrouped conv of more than `onednn_matmul_min_macs` multiply-adds on
-      a channels-last input as one oneDNN product of its ``[B*H*W, Ci]`` rows with the weight
+    - a 1x1, stride-1, ungrouped conv of more than `onednn_rows_min_macs` multiply-adds on a
+      channels-last input as one oneDNN product of its ``[B*H*W, Ci]`` rows with the weight
       prepacked, bias fused; the output is channels-last too, so chains stay in that layout;
     - such a conv at batch 1 on an NCHW input as one oneDNN product ``W @ X``
       (``X = x.view(Ci, H*W)``), then the bias, giving NCHW; both oneDNN products are 1.5-2x
@@ -413,6 +413,7 @@ class DeployConv2d(nn.Conv2d):
     matmul_max_macs = 8_000_000
     matmul_max_input = 20480
     onednn_matmul_min_macs = 2_000_000
+    onednn_rows_min_macs = 1_000_000
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or not eager_cpu_inference(x, self.weight):
@@ -427,7 +428,7 @@ class DeployConv2d(nn.Conv2d):
         if self.kernel_size == (1, 1) and self.groups == 1 and self.stride == (1, 1) and self.padding == (0, 0):
             macs = c * self.out_channels * h * w
             weight = self.weight.view(self.out_channels, c)
-            if onednn and macs > self.onednn_matmul_min_macs and _is_channels_last(x):
+            if onednn and macs > self.onednn_rows_min_macs and _is_channels_last(x):
                 # Rows in, rows out: [B*H*W, Ci] @ W.T with the weight prepacked, bias fused;
                 # the result is the NCHW tensor with channels-last strides, as oneDNN convs give.
                 rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)

@@ -120,6 +120,26 @@ def test_deploy_form_drops_bias_tables_and_keeps_outputs_in_grad_mode_too():
         assert rel_err(deployed(x), ref) < 1e-5  # the eager CPU kernels
 
 
+@pytest.mark.parametrize("batch", [1, 4])
+def test_deploy_attention_as_direct_products_equals_the_module_path(batch, monkeypatch):
+    from zoo.models.efficientvit import CascadedGroupAttention
+
+    model = zoo.export.reparameterize(randomize_(zoo.create_model("efficientvit_m0")))
+    for attn, r in ((model.stages[0].blocks[0].mixer.m.attn, 7), (model.stages[2].blocks[0].mixer.m.attn, 4)):
+        x = torch.randn(batch, attn.num_heads * attn.val_dim, r, r)
+        with torch.inference_mode():
+            fast = attn._forward_deploy_matmuls(x)
+            monkeypatch.setattr(CascadedGroupAttention, "_forward_deploy_matmuls", lambda self, t: None)
+            slow = attn(x)
+            monkeypatch.undo()
+        assert fast is not None and rel_err(fast, slow) < 1e-5
+        # a window too large for the dense query matrices: no fast form, the module path serves
+        monkeypatch.setattr(type(attn.dws[0]), "dense_max_tokens", 8)
+        with torch.inference_mode():
+            assert attn._forward_deploy_matmuls(x) is None and rel_err(attn(x), slow) < 1e-5
+        monkeypatch.undo()
+
+
 def test_img_size_256_pads_windows_and_wrong_sizes_are_clear_errors():
     model = zoo.create_model("efficientvit_m0", img_size=256)
     attn = model.stages[0].blocks[0].mixer.m
