@@ -23,6 +23,7 @@ __all__ = [
     "DeployLinear",
     "KernelCache",
     "kernel_cache",
+    "prepacked_linear",
     "onednn_applies",
     "use_deploy_kernels",
     "NormLinear",
@@ -371,6 +372,16 @@ def kernel_cache(module: nn.Module) -> KernelCache:
     return cache
 
 
+def prepacked_linear(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, tag: str) -> torch.Tensor:
+    """``x @ weight.T + layer.bias`` (``weight [out, in]``, ``x [..., in]``) through oneDNN, with
+    `weight` reordered once per number of rows of `x` and kept in `layer`'s `KernelCache`
+    under `tag`. Call only where `eager_cpu_inference` and `onednn_applies` hold."""
+    rows = x.numel() // x.shape[-1]
+    packed = kernel_cache(layer).get_or_build(
+        (tag, rows, weight_key(weight)), lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))
+    return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+
+
 def _is_channels_last(x: torch.Tensor) -> bool:
     """A 4-D tensor stored channels-last (and not also plain contiguous, as when H = W = 1)."""
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
@@ -431,11 +442,7 @@ class DeployConv2d(nn.Conv2d):
             if onednn and macs > self.onednn_rows_min_macs and _is_channels_last(x):
                 # Rows in, rows out: [B*H*W, Ci] @ W.T with the weight prepacked, bias fused;
                 # the result is the NCHW tensor with channels-last strides, as oneDNN convs give.
-                rows = x.permute(0, 2, 3, 1).reshape(b * h * w, c)
-                key = ("rows", rows.shape[0], weight_key(self.weight))
-                packed = kernel_cache(self).get_or_build(
-                    key, lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows.shape[0]))
-                y = torch.ops.mkldnn._linear_pointwise(rows, packed, self.bias, "none", [], "")
+                y = prepacked_linear(self, x.permute(0, 2, 3, 1).reshape(b * h * w, c), weight, "rows")
                 return y.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
             if b == 1 and onednn and macs > self.onednn_matmul_min_macs:
                 # linear(A, B) = A @ B.T: the weight is the left operand, the activation (as its
@@ -505,13 +512,9 @@ class DeployLinear(nn.Linear):
     while tracing or exporting or when autograd needs the weight, the plain forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features if self.in_features else 0
-        if rows == 0 or not (eager_cpu_inference(x, self.weight) and onednn_applies(x, self.weight)):
+        if x.numel() == 0 or not (eager_cpu_inference(x, self.weight) and onednn_applies(x, self.weight)):
             return super().forward(x)
-        key = ("linear", rows, weight_key(self.weight))
-        packed = kernel_cache(self).get_or_build(
-            key, lambda: torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), rows))
-        return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, "none", [], "")
+        return prepacked_linear(self, x, self.weight, "linear")
 
 
 def use_deploy_kernels(module: nn.Module) -> nn.Module:
