@@ -8,6 +8,10 @@ at them (``$(python -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__
 from __future__ import annotations
 
 import functools
+import glob
+import importlib
+import os
+import sys
 
 import torch
 
@@ -55,16 +59,46 @@ def module():
     return dr
 
 
+def _put_built_plugin_on_path(exc: Exception) -> bool:
+    """Make nvdiffrast's freshly built plugin importable by name; True when a folder was added.
+
+    nvdiffrast builds its plugin with ``torch.utils.cpp_extension.load`` and then imports it
+    by module name. Recent torch (seen with 2.11) loads the built library from its file
+    without putting the build folder on ``sys.path``, so that import fails with
+    ``ModuleNotFoundError: nvdiffrast_plugin_...`` although the build succeeded.
+    """
+    name = getattr(exc, "name", None) or ""
+    if not (isinstance(exc, ModuleNotFoundError) and name.startswith("nvdiffrast_plugin")):
+        return False
+    from torch.utils import cpp_extension  # noqa: PLC0415 - only needed on this path
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    found = [d for d in glob.glob(os.path.join(glob.escape(root), "**", name), recursive=True)
+             if os.path.isdir(d) and d not in sys.path]
+    if not found:
+        return False
+    sys.path.insert(0, found[0])
+    importlib.invalidate_caches()
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def context(device: torch.device):
-    """One ``RasterizeCudaContext`` per device, created on first use and kept."""
+    """One ``RasterizeCudaContext`` per device, created on first use and kept.
+
+    The first call builds nvdiffrast's CUDA plugin (about 30 s on an H100 machine) and
+    caches it under ``~/.cache/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``).
+    """
     dr = module()
     try:
-        return dr.RasterizeCudaContext(device=device)
+        try:
+            return dr.RasterizeCudaContext(device=device)
+        except ModuleNotFoundError as exc:
+            if not _put_built_plugin_on_path(exc):
+                raise
+            return dr.RasterizeCudaContext(device=device)
     except Exception as exc:  # the plugin's JIT build or load failed
         raise RenderError(
             f"nvdiffrast could not build or load its CUDA plugin ({type(exc).__name__}: {exc}). "
             "It needs nvcc and ninja; if CUDA headers are missing, add pip's nvidia/*/include "
-            "folders to CPATH; if the built module does not import, add its folder under "
-            "~/.cache/torch_extensions to sys.path. See the README's nvdiffrast section, or "
-            "use backend='torch'.") from exc
+            "folders to CPATH. See the README's nvdiffrast section, or use backend='torch'.") from exc
