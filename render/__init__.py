@@ -12,6 +12,11 @@ Conventions (nvdiffrast's, stated once here):
   covers the pixel. ``u, v`` are perspective-correct barycentrics of vertices 0 and 1
   (vertex 2 gets ``1 - u - v``); ``triangle_id`` indexes ``tri`` (in range mode too) and is
   stored as a float, exact up to 2^24 triangles.
+- **Coverage**: vertices are snapped to 1/16 pixel before the coverage test (nvdiffrast's
+  cudaraster; the torch backend does the same, see :mod:`.torch_raster`), so a pixel
+  centre within about 1/32 pixel of an edge follows the snapped edge; a sample exactly on
+  a shared edge goes to one triangle only. ``u, v`` are clamped to ``[0, 1]`` and ``z/w``
+  to ``[-1, 1]`` on output; gradients are those of the unclamped values.
 - **Visibility**: the smallest ``z/w`` wins (ties to the lower triangle index on the torch
   backend). Both faces are drawn (no culling). Triangles crossing the near plane
   (``z = -w``) are clipped, as is everything beyond the far plane (``z = w``).

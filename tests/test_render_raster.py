@@ -27,6 +27,12 @@ def screen_barycentrics(p2d, px, py):
     return np.stack([l0, l1, 1 - l0 - l1])
 
 
+def snap_ndc(p2d, height, width):
+    """NDC vertices ``[3,2]`` rounded to nvdiffrast's 1/16-pixel grid (float64)."""
+    scale = np.array([width * 8.0, height * 8.0])
+    return np.round(p2d * scale) / scale
+
+
 def test_single_triangle_coverage_and_barycentrics():
     h, w = 24, 32
     p2d = np.array([[-0.71, -0.62], [0.83, -0.41], [0.05, 0.77]])
@@ -34,8 +40,13 @@ def test_single_triangle_coverage_and_barycentrics():
     rast, _ = R.rasterize(pos, TRI1, (h, w), backend="torch")
     px, py = pixel_centres(h, w)
     lam = screen_barycentrics(p2d, px, py)
-    inside = (lam >= 0).all(0)
-    assert inside.sum() > 100
+    # Coverage is decided on vertices snapped to 1/16 pixel, as nvdiffrast does; pixel
+    # (24, 12) is 0.002 px inside the exact edge 1-2 and outside the snapped one.
+    snapped = snap_ndc(p2d, h, w)
+    lam_snapped = screen_barycentrics(snapped, px, py)
+    assert np.abs(lam_snapped).min() > 1e-9  # no sample exactly on an edge: no tie rule needed
+    inside = (lam_snapped > 0).all(0)
+    assert inside.sum() > 100 and (lam[:, 12, 24] > 0).all() and not inside[12, 24]
     np.testing.assert_array_equal(rast[0, ..., 3].numpy() == 1, inside)
     np.testing.assert_allclose(rast[0, ..., 0].numpy()[inside], lam[0][inside], atol=2e-6)
     np.testing.assert_allclose(rast[0, ..., 1].numpy()[inside], lam[1][inside], atol=2e-6)
@@ -147,6 +158,22 @@ def test_shared_edges_are_watertight():
     for res in [(37, 53), (64, 64)]:
         rast, _ = R.rasterize(verts[None], tri, res, backend="torch")
         assert (rast[..., 3] > 0).all(), "a pixel between two triangles was dropped"
+
+
+def test_samples_on_shared_edges_belong_to_exactly_one_triangle():
+    """Vertices on pixel centres put many samples exactly on edges: the tie rule must give
+    each to one triangle (range mode draws one triangle per image, so counts add up)."""
+    size, lattice = 16, torch.tensor([1, 5, 9, 13])
+    ndc = (2 * lattice + 1).float() / size - 1
+    yy, xx = torch.meshgrid(ndc, ndc, indexing="ij")
+    verts = torch.stack([xx.reshape(-1), yy.reshape(-1), torch.zeros(16), torch.ones(16)], 1)
+    i = (torch.arange(3)[:, None] * 4 + torch.arange(3)[None, :]).reshape(-1)
+    tri = torch.cat([torch.stack([i, i + 1, i + 5], 1), torch.stack([i, i + 5, i + 4], 1)]).int()
+    ranges = torch.stack([torch.arange(18), torch.ones(18, dtype=torch.long)], 1).int()
+    rast, _ = R.rasterize(verts, tri, (size, size), ranges=ranges, backend="torch")
+    count = (rast[..., 3] > 0).sum(0)
+    assert count.max() == 1, "a sample on a shared edge was drawn twice"
+    assert (count[2:13, 2:13] == 1).all(), "a sample inside the square was dropped"
 
 
 def test_batches_instanced_and_range_mode():
@@ -275,3 +302,26 @@ def test_rasterize_speed_path_matches_on_a_closed_mesh():
     assert (back[..., 2][cov] > front[..., 2][cov]).all()
     first, _ = R.rasterize(pos, tri, (64, 64), backend="torch")
     assert torch.equal(first, front)
+
+
+def test_barycentrics_stay_accurate_at_grazing_angles():
+    """Near silhouettes of a closed mesh the edge functions nearly cancel; the resolve pass must
+    keep float32 barycentrics close to the exact ones (solved here in float64 per pixel)."""
+    verts, tri = R.capsule()
+    eyes = torch.tensor([[0.3, 0.4, 2.6], [-1.5, -0.5, 2.0]])
+    pos = R.world_to_clip(verts, R.look_at(eyes, torch.zeros(2, 3)), R.perspective(45, 1.0, 0.3, 10))
+    h, w = 128, 160
+    rast, _ = R.rasterize(pos, tri, (h, w), backend="torch")
+    b, yy, xx = (rast[..., 3] > 0).nonzero().unbind(1)
+    v = pos[b[:, None], tri.long()[rast[b, yy, xx, 3].long() - 1]].double().numpy()  # [N,3,4]
+    px = ((2 * xx + 1).double() / w - 1).numpy()[:, None]
+    py = ((2 * yy + 1).double() / h - 1).numpy()[:, None]
+    # Perspective-correct weights l: sum l_i (x_i - px w_i) = sum l_i (y_i - py w_i) = 0, sum l_i = 1.
+    m = np.stack([v[..., 0] - px * v[..., 3], v[..., 1] - py * v[..., 3], np.ones_like(px.repeat(3, 1))], 1)
+    lam = np.linalg.solve(m, np.broadcast_to([0.0, 0.0, 1.0], (len(m), 3))[..., None])[..., 0]
+    # u, v are clamped to [0, 1] as nvdiffrast's: a sample inside the 1/16-pixel-snapped
+    # triangle may lie just outside the exact one.
+    err = np.abs(rast[b, yy, xx, :2].double().numpy() - lam[:, :2].clip(0, 1)).max(1)
+    assert len(err) > 5000
+    assert err.max() < 1e-3, err.max()
+    assert (err > 1e-5).mean() < 0.01, (err > 1e-5).mean()  # the plane-equation form: 27%
