@@ -174,7 +174,7 @@ def _snap(verts: torch.Tensor, width: int, height: int):
 
 
 def _snapped_setup(X, Y, zw, width, height):
-    """Integer edge functions and a depth plane per snapped triangle (the ones ``sel`` keeps).
+    """Integer edge functions and a depth plane per snapped triangle, ``X, Y [S,3]``.
 
     Returns ``hit [S]`` (the box holds a pixel centre of the viewport), the pixel boxes
     ``x0, x1, y0, y1`` ``[S]`` clamped to the viewport, and ``coef [S,12]`` float64: for grid
@@ -220,7 +220,7 @@ def _sample_span(v: torch.Tensor, size: int):
 
 
 def _homogeneous_setup(verts, width, height):
-    """Pixel boxes ``x0, x1, y0, y1 [N]`` (float, unclamped) and ``det`` for the clip path."""
+    """Pixel boxes ``x0, x1, y0, y1 [N]`` (float, unclamped) for the homogeneous path."""
     x, y, w = verts[..., 0], verts[..., 1], verts[..., 3]
     # One pixel of margin against rounding; a triangle with a vertex at or behind w = 0 has
     # no finite projection: whole viewport.
@@ -236,12 +236,8 @@ def _homogeneous_setup(verts, width, height):
     return x0, x1, y0, y1
 
 
-def _coverage(verts, img, tid, batch, height, width, peel_keys, snap=True):
-    """Nearest-fragment key per pixel, ``[B*H*W]`` int64; EMPTY_KEY where nothing covers.
-
-    ``snap``: coverage from vertices snapped to 1/16 pixel, as nvdiffrast (see module
-    docstring); False tests every triangle's unsnapped homogeneous edges.
-    """
+def _coverage(verts, img, tid, batch, height, width, peel_keys):
+    """Nearest-fragment key per pixel, ``[B*H*W]`` int64; EMPTY_KEY where nothing covers."""
     device, dtype = verts.device, verts.dtype
     keys = torch.full((batch * height * width,), EMPTY_KEY, dtype=torch.long, device=device)
     if verts.shape[0] == 0:
@@ -250,30 +246,29 @@ def _coverage(verts, img, tid, batch, height, width, peel_keys, snap=True):
     # Frustum culling: all three vertices beyond one clip plane.
     outside = ((x > w).all(1) | (x < -w).all(1) | (y > w).all(1) | (y < -w).all(1)
                | (z > w).all(1) | (z < -w).all(1))
-    if snap:
-        fast, sx, sy, zw = _snap(verts, width, height)
-        area = ((sx[:, 1] - sx[:, 0]) * (sy[:, 2] - sy[:, 0])
-                - (sy[:, 1] - sy[:, 0]) * (sx[:, 2] - sx[:, 0]))
-    else:
-        fast = torch.zeros_like(outside)
-    a, b, c, det = _edge_setup(verts)
-    hx0, hx1, hy0, hy1 = _homogeneous_setup(verts, width, height)
+    fast, sx, sy, zw = _snap(verts, width, height)
+    area = ((sx[:, 1] - sx[:, 0]) * (sy[:, 2] - sy[:, 0])
+            - (sy[:, 1] - sy[:, 0]) * (sx[:, 2] - sx[:, 0]))
 
     parts = []  # (kind, triangle indices, x0, x1, y0, y1, coef)
-    hsel = (~outside & ~fast & (det != 0) & torch.isfinite(det)
-            & (hx1 >= 0) & (hx0 <= width - 1) & (hy1 >= 0) & (hy0 <= height - 1)).nonzero().squeeze(1)
+    hsel = (~outside & ~fast).nonzero().squeeze(1)
     if hsel.numel():
+        hv = verts[hsel]
+        a, b, c, det = _edge_setup(hv)
+        hx0, hx1, hy0, hy1 = _homogeneous_setup(hv, width, height)
+        keep = ((det != 0) & torch.isfinite(det) & (hx1 >= 0) & (hx0 <= width - 1)
+                & (hy1 >= 0) & (hy0 <= height - 1)).nonzero().squeeze(1)
         # Orient every triangle so that inside means all e_i >= 0 (exact: multiply by +-1).
-        sign = det[hsel].sign().unsqueeze(1)
-        coef = torch.cat([a[hsel] * sign, b[hsel] * sign, c[hsel] * sign, z[hsel], w[hsel]], 1)
-        box = [t[hsel].long() for t in (hx0, hx1, hy0, hy1)]
-        parts.append((_HOMOGENEOUS, hsel, *box, coef))
-    if snap:
-        fsel = (~outside & fast & (area != 0)).nonzero().squeeze(1)
-        if fsel.numel():
-            hit, sx0, sx1, sy0, sy1, coef = _snapped_setup(sx[fsel], sy[fsel], zw[fsel], width, height)
-            hit = hit.nonzero().squeeze(1)
-            parts.append((_SNAPPED, fsel[hit], sx0[hit], sx1[hit], sy0[hit], sy1[hit], coef[hit]))
+        sign = det[keep].sign().unsqueeze(1)
+        coef = torch.cat([a[keep] * sign, b[keep] * sign, c[keep] * sign, hv[keep, :, 2],
+                          hv[keep, :, 3]], 1)
+        box = [t[keep].long() for t in (hx0, hx1, hy0, hy1)]
+        parts.append((_HOMOGENEOUS, hsel[keep], *box, coef))
+    fsel = (~outside & fast & (area != 0)).nonzero().squeeze(1)
+    if fsel.numel():
+        hit, sx0, sx1, sy0, sy1, coef = _snapped_setup(sx[fsel], sy[fsel], zw[fsel], width, height)
+        hit = hit.nonzero().squeeze(1)
+        parts.append((_SNAPPED, fsel[hit], sx0[hit], sx1[hit], sy0[hit], sy1[hit], coef[hit]))
 
     base_x = torch.arange(width, device=device)
     base_y = torch.arange(height, device=device)
