@@ -250,7 +250,7 @@ def _coverage(verts, img, tid, batch, height, width, peel_keys):
     area = ((sx[:, 1] - sx[:, 0]) * (sy[:, 2] - sy[:, 0])
             - (sy[:, 1] - sy[:, 0]) * (sx[:, 2] - sx[:, 0]))
 
-    parts = []  # (kind, triangle indices, x0, x1, y0, y1, coef)
+    parts = []  # (kind, triangle indices, pixel box clamped to the viewport, coef)
     hsel = (~outside & ~fast).nonzero().squeeze(1)
     if hsel.numel():
         hv = verts[hsel]
@@ -262,7 +262,8 @@ def _coverage(verts, img, tid, batch, height, width, peel_keys):
         sign = det[keep].sign().unsqueeze(1)
         coef = torch.cat([a[keep] * sign, b[keep] * sign, c[keep] * sign, hv[keep, :, 2],
                           hv[keep, :, 3]], 1)
-        box = [t[keep].long() for t in (hx0, hx1, hy0, hy1)]
+        box = [t[keep].long().clamp(0, size - 1)
+               for t, size in ((hx0, width), (hx1, width), (hy0, height), (hy1, height))]
         parts.append((_HOMOGENEOUS, hsel[keep], *box, coef))
     fsel = (~outside & fast & (area != 0)).nonzero().squeeze(1)
     if fsel.numel():
@@ -273,15 +274,13 @@ def _coverage(verts, img, tid, batch, height, width, peel_keys):
     base_x = torch.arange(width, device=device)
     base_y = torch.arange(height, device=device)
     for kind, sel, x0, x1, y0, y1, coef in parts:
-        x0, x1 = x0.clamp(0, width - 1), x1.clamp(0, width - 1)
-        y0, y1 = y0.clamp(0, height - 1), y1.clamp(0, height - 1)
         cls_x, cls_y = _size_class(x1 - x0 + 1), _size_class(y1 - y0 + 1)
         group = cls_x * 64 + cls_y
         if kind == _SNAPPED:
             # float32 holds the integer edge functions exactly while every partial sum stays
             # below 2**24; larger ones (big or far-out triangles) evaluate in float64.
-            gw = torch.tensor(_SIZES, device=device)[cls_x].clamp(max=width) - 1
-            gh = torch.tensor(_SIZES, device=device)[cls_y].clamp(max=height) - 1
+            gw = (1 << cls_x).clamp(max=width) - 1  # largest grid offset: _SIZES[k] = 2**k
+            gh = (1 << cls_y).clamp(max=height) - 1
             bound = (coef[:, 0:3].abs() * gw[:, None] + coef[:, 3:6].abs() * gh[:, None]
                      + coef[:, 6:9].abs()).amax(1)
             group = group + 4096 * (bound >= 2 ** 24)
@@ -313,15 +312,17 @@ def _grid(x0, x1, y0, y1, ix, iy):
             & ((y0[:, None] + iy) <= y1[:, None]).unsqueeze(2))
 
 
-def _merge(keys, flat, gw, gh, x0, y0, img, tid, depth_fn, height, width, ok, peel_keys):
-    """Scatter the nearest fragment of grid points ``flat`` (indices into ``[n,gh,gw]``)."""
+def _merge(keys, flat, gw, gh, x0, y0, img, tid, depth_fn, height, width, peel_keys):
+    """Scatter the nearest fragment of grid points ``flat`` (indices into ``[n,gh,gw]``).
+
+    ``depth_fn(t, row, col)`` gives each point's ``z/w`` and a mask of valid ones (or None).
+    """
     cell = gw * gh
     t_local = flat // cell
     rem = flat - t_local * cell
     row = rem // gw
     col = rem - row * gw
-    depth, depth_ok = depth_fn(t_local, row, col)
-    ok = depth_ok if ok is None else ok & depth_ok
+    depth, ok = depth_fn(t_local, row, col)
     base = img * (height * width) + y0 * width + x0  # pixel index of each box's corner
     pix = base[t_local] + row * width + col
     key = _depth_key(depth, tid[t_local])
@@ -353,7 +354,7 @@ def _cover_snapped(keys, coef, x0, x1, y0, y1, img, tid, ix, iy, height, width, 
         d = coef[t, 9:12]
         return d[:, 0] + d[:, 1] * col + d[:, 2] * row, None
 
-    _merge(keys, flat, gw, gh, x0, y0, img, tid, depth, height, width, None, peel_keys)
+    _merge(keys, flat, gw, gh, x0, y0, img, tid, depth, height, width, peel_keys)
 
 
 def _cover_group(keys, coef, x0, x1, y0, y1, img, tid, ix, iy, height, width, dtype, peel_keys):
@@ -381,7 +382,7 @@ def _cover_group(keys, coef, x0, x1, y0, y1, img, tid, ix, iy, height, width, dt
              / (zw[:, 3] * e[:, 0] + zw[:, 4] * e[:, 1] + zw[:, 5] * e[:, 2]))
         return d, (e.sum(1) > 0) & (d >= -1) & (d <= 1)  # in front (w > 0), inside near/far
 
-    _merge(keys, flat, gw, gh, x0, y0, img, tid, depth, height, width, None, peel_keys)
+    _merge(keys, flat, gw, gh, x0, y0, img, tid, depth, height, width, peel_keys)
 
 
 def rasterize_torch(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int],
