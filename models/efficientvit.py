@@ -45,11 +45,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import SqueezeExcite
+from timm.layers.activations import Sigmoid as TimmSigmoid
 
 from zoo.errors import ConfigError
 from zoo.hub import WeightEntry
 from zoo.models.layers import (
     ConvNorm,
+    DeployConv2d,
     NormLinear,
     Residual,
     bias_index,
@@ -58,7 +60,9 @@ from zoo.models.layers import (
     fuse_modules,
     resize_bias_tables,
     use_deploy_kernels,
+    nchw_fallback,
 )
+from zoo.models.nhwc import hooked, nhwc_applies, run_nhwc
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Metric, ModelCard, Paper, register_model
 
 __all__ = ["EfficientVit", "convert_official", "convert_timm"]
@@ -75,6 +79,19 @@ class ConvMlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pw2(self.act(self.pw1(x)))
+
+    def forward_nhwc(self, t: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward(t) + add`` on NHWC tensors (`zoo.models.nhwc`): the ReLU fused into the
+        first product, the sum (a residual) into the second."""
+        mods = self._modules  # direct registry reads: nn.Module.__getattr__ costs ~0.5 us a call
+        pw1, act, pw2 = mods["pw1"], mods["act"], mods["pw2"]
+        if not (isinstance(pw1, DeployConv2d) and isinstance(pw2, DeployConv2d)):
+            return nchw_fallback(self, t, add=add)
+        if type(act) is nn.ReLU and not hooked(act):
+            h = pw1.forward_nhwc(t, act="relu")
+        else:
+            h = run_nhwc(act, pw1.forward_nhwc(t))
+        return pw2.forward_nhwc(h, add=add)
 
 
 class CascadedGroupAttention(nn.Module):
@@ -137,9 +154,10 @@ class CascadedGroupAttention(nn.Module):
     def _forward_deploy(self, x: torch.Tensor) -> torch.Tensor:
         # Same function with the scale inside the query conv and dense per-head bias tensors.
         if x.dim() == 4 and eager_cpu_inference(x, self.qkvs[0].weight):
-            out = self._forward_deploy_matmuls(x)
-            if out is not None:
-                return out
+            b, c, r, _ = x.shape
+            y = self.forward_windows(x.permute(0, 2, 3, 1).reshape(b, r * r, c))
+            if y is not None:
+                return y.view(b, r, r, c).permute(0, 3, 1, 2)
         r, kd, vd = self.resolution, self.key_dim, self.val_dim
         feats_in = x.chunk(self.num_heads, dim=1)
         feats_out = []
@@ -154,37 +172,56 @@ class CascadedGroupAttention(nn.Module):
             feats_out.append(feat)
         return self.proj(torch.cat(feats_out, dim=1))
 
-    def _forward_deploy_matmuls(self, x: torch.Tensor) -> torch.Tensor | None:
-        """`_forward_deploy` for eager CPU inference as direct batched products over the windows'
-        ``[B, C, N]`` token matrices: each head's qkv conv is an ``addmm``/``baddbmm``, its query
-        conv a product with the dense depthwise matrix `DeployConv2d` caches, the bias add
-        fused into the score product. Half the ops and no module calls per head (the heads run
-        in sequence, so per-op overhead is what a small window costs). None when a query conv
-        has no dense form (a window over `DeployConv2d.dense_max_tokens`)."""
-        b, c, r, _ = x.shape
-        n, kd, vd = r * r, self.key_dim, self.val_dim
-        dense = [getattr(dw, "_dense_depthwise", lambda *a: None)(r, r, x.dtype) for dw in self.dws]
-        if any(d is None for d in dense) or any(m.bias is None for m in (*self.qkvs, *self.dws)):
+    def forward_windows(self, xw: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The deploy form in eager CPU inference on windows of token rows: ``xw [W, N, C]``
+        (``W`` windows of ``N = resolution**2`` tokens in row-major order) -> ``forward(x) +
+        add`` in the same layout.
+
+        Each head's qkv conv is an ``addmm`` on the token rows, its query conv a batched
+        product with the dense depthwise matrix `DeployConv2d` caches, the bias add fused into
+        the score product; the ReLU and the output projection run as one oneDNN product with
+        the sum fused. The heads run in sequence, so per-op cost is what a 7x7 window costs.
+        None where these kernels cannot serve: not deployed, hooks on the convolutions,
+        autograd through their weights, or a window over `DeployConv2d.dense_max_tokens`."""
+        w_, n, c = xw.shape
+        r, kd, vd = self.resolution, self.key_dim, self.val_dim
+        mods = self._modules  # direct registry reads: nn.Module.__getattr__ costs ~0.5 us a call
+        proj_seq = mods["proj"]
+        if not (self.deployed and n == r * r and len(proj_seq) == 2):
             return None
-        xs = x.reshape(b, c, n)
+        act, proj = proj_seq._modules.values()
+        qkvs, dws = list(mods["qkvs"]._modules.values()), list(mods["dws"]._modules.values())
+        if not (
+            type(act) is nn.ReLU
+            and not hooked(proj_seq, act)
+            and all(
+                isinstance(m, DeployConv2d) and m._parameters["bias"] is not None and m._nhwc_applies(xw)
+                for m in (*qkvs, *dws, proj)
+            )
+        ):
+            return None
+        dense = [dw._dense_depthwise(r, r, xw.dtype) for dw in dws]
+        if any(d is None for d in dense):
+            return None
+        biases = self._buffers["attention_bias_dense"]
+        rows = xw.reshape(w_ * n, c)
         ch = c // self.num_heads
         feats_out = []
         feat = None
-        for i, (qkv_conv, dw) in enumerate(zip(self.qkvs, self.dws)):
-            part = xs[:, i * ch:(i + 1) * ch]
-            feat = part if feat is None else feat + part  # [b, ch, n]
-            w = qkv_conv.weight.view(-1, ch)
-            if b == 1:
-                qkv = torch.addmm(qkv_conv.bias.view(-1, 1), w, feat[0]).unsqueeze(0)
-            else:
-                qkv = torch.baddbmm(qkv_conv.bias.view(1, -1, 1), w.expand(b, -1, -1), feat)
-            q, k, v = qkv.split([kd, kd, vd], dim=1)
-            # depthwise conv on the query: per channel, [b, n] @ [n, n]; then queries as rows
-            q = torch.baddbmm(dw.bias.view(-1, 1, 1), q.transpose(0, 1), dense[i]).permute(1, 2, 0)
-            attn = torch.baddbmm(self.attention_bias_dense[i], q, k).softmax(dim=-1)  # [b, n, n]
-            feat = torch.bmm(v, attn.transpose(1, 2))  # [b, vd, n]
+        for i in range(self.num_heads):
+            qkv_p, dw_p = qkvs[i]._parameters, dws[i]._parameters
+            part = rows[:, i * ch:(i + 1) * ch]
+            feat = part if feat is None else part + feat  # [W*N, ch]
+            # channel-major [2*kd + vd, W, N], so every product below reads unit-stride rows
+            qkv = torch.addmm(qkv_p["bias"].view(-1, 1), qkv_p["weight"].view(-1, ch), feat.t()).view(-1, w_, n)
+            q, k, v = qkv.split([kd, kd, vd], dim=0)
+            # the query's depthwise conv, per channel: [W, N] @ [N, N]
+            q = torch.baddbmm(dw_p["bias"].view(-1, 1, 1), q, dense[i])
+            attn = torch.baddbmm(biases[i], q.permute(1, 2, 0), k.transpose(0, 1))
+            feat = torch.bmm(attn.softmax(dim=-1), v.permute(1, 2, 0)).view(w_ * n, vd)
             feats_out.append(feat)
-        return self.proj(torch.cat(feats_out, dim=1).view(b, -1, r, r))
+        y = torch.cat(feats_out, dim=1).relu_()
+        return proj.forward_rows(y, add=None if add is None else add.reshape(w_ * n, c)).view(w_, n, c)
 
     @torch.no_grad()
     def fuse(self) -> "CascadedGroupAttention":
@@ -240,6 +277,32 @@ class LocalWindowAttention(nn.Module):
             x = x[:, :, :r, :r]
         return x
 
+    def forward_nhwc(self, t: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward(t) + add`` on NHWC tensors (`zoo.models.nhwc`). The windows are token
+        rows ``[B*n*n, ws*ws, C]``; a residual sum (``add is t``) is fused into the output
+        projection in window order, before the windows are put back."""
+        b, _, _, c = t.shape
+        attn = self._modules["attn"]
+        ws, n, p, r = attn.resolution, self.num_windows, self.pad, self.resolution
+        if n == 1:
+            xw = t.reshape(b, ws * ws, c)
+        else:
+            tp = F.pad(t, (0, 0, 0, p, 0, p)) if p else t
+            xw = tp.view(b, n, ws, n, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b * n * n, ws * ws, c)
+        residual = xw if add is t else None
+        y = None if hooked(attn) else attn.forward_windows(xw, residual)
+        if y is None:
+            y = attn(xw.view(-1, ws, ws, c).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(xw.shape)
+            if residual is not None:
+                y = y + residual
+        if n == 1:
+            y = y.view(b, ws, ws, c)
+        else:
+            y = y.view(b, n, n, ws, ws, c).permute(0, 1, 3, 2, 4, 5).reshape(b, n * ws, n * ws, c)
+            if p:
+                y = y[:, :r, :r].contiguous()
+        return y if add is None or residual is not None else y + add
+
 
 class EfficientVitBlock(nn.Module):
     """The sandwich: DW conv, FFN, window attention, DW conv, FFN, each residual."""
@@ -268,6 +331,12 @@ class EfficientVitBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
 
+    def forward_nhwc(self, t: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        mods = self._modules
+        for name in ("dw0", "ffn0", "mixer", "dw1"):
+            t = run_nhwc(mods[name], t)
+        return run_nhwc(mods["ffn1"], t, add=add)
+
 
 class PatchMerging(nn.Module):
     """1x1 expand (4x), stride-2 3x3 DW conv, squeeze-excite (ratio 0.25), 1x1 project."""
@@ -283,6 +352,33 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv3(self.se(self.act(self.conv2(self.act(self.conv1(x))))))
+
+    def forward_nhwc(self, t: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward(t) + add`` on NHWC tensors (`zoo.models.nhwc`), both ReLUs fused."""
+        mods = self._modules
+        conv1, act, conv2, se, conv3 = (mods[k] for k in ("conv1", "act", "conv2", "se", "conv3"))
+        if not all(isinstance(m, DeployConv2d) for m in (conv1, conv2, conv3)) or type(act) is not nn.ReLU or hooked(act):
+            return nchw_fallback(self, t, add=add)
+        h = conv2.forward_nhwc(conv1.forward_nhwc(t, act="relu"), act="relu")
+        return conv3.forward_nhwc(_squeeze_excite_nhwc(se, h), add=add)
+
+
+def _squeeze_excite_nhwc(se: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """timm's `SqueezeExcite` (mean, 1x1 conv, ReLU, 1x1 conv, sigmoid, scale) on a fresh NHWC
+    tensor `h`, scaled in place; any other form or hooks: its own forward."""
+    plain = (
+        not getattr(se, "add_maxpool", True)
+        and isinstance(se.bn, nn.Identity)
+        and type(se.act) is nn.ReLU
+        and type(se.gate) in (nn.Sigmoid, TimmSigmoid)
+        and isinstance(se.fc1, DeployConv2d)
+        and isinstance(se.fc2, DeployConv2d)
+        and not hooked(se, se.bn, se.act, se.gate)
+    )
+    if not plain:
+        return run_nhwc(se, h)
+    s = se.fc1.forward_nhwc(h.mean(dim=(1, 2), keepdim=True), act="relu")
+    return h.mul_(se.fc2.forward_nhwc(s).sigmoid_())
 
 
 def _dw_ffn(dim: int) -> nn.Sequential:
@@ -328,6 +424,10 @@ class EfficientVitStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(self.downsample(x))
+
+    def forward_nhwc(self, t: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        mods = self._modules
+        return run_nhwc(mods["blocks"], run_nhwc(mods["downsample"], t), add=add)
 
 
 class PatchEmbedding(nn.Sequential):
@@ -455,6 +555,10 @@ class EfficientVit(nn.Module):
                 f"this EfficientVit was built for {self.img_size}x{self.img_size} inputs, got "
                 f"{tuple(x.shape[-2:])}; build it with img_size={x.shape[-1]} (a multiple of 16)."
             )
+        if self.deployed and not self.training and nhwc_applies(x):
+            # eager CPU inference: the channels-last kernels (zoo.models.nhwc); the features
+            # come back as the NCHW view of an NHWC tensor
+            return run_nhwc(self.stages, run_nhwc(self.patch_embed, x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
         x = self.patch_embed(x)
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
             from timm.models import checkpoint_seq

@@ -21,6 +21,7 @@ __all__ = [
     "fold_scale_into_out_channels",
     "DeployConv2d",
     "DeployLinear",
+    "nchw_fallback",
     "KernelCache",
     "kernel_cache",
     "prepacked_linear",
@@ -322,6 +323,10 @@ def _onednn_ops_available() -> bool:
 # PyTorch's own fused oneDNN inference ops (the ones its compiler emits for frozen CPU graphs).
 # They are private, so every use is guarded by this flag and falls back to the public ops.
 _ONEDNN = _onednn_ops_available()
+if _ONEDNN:  # resolved once: each ``torch.ops`` attribute lookup costs about a microsecond
+    _LINEAR = torch.ops.mkldnn._linear_pointwise.default
+    _LINEAR_ADD = torch.ops.mkldnn._linear_pointwise.binary
+    _CONV = torch.ops.mkldnn._convolution_pointwise.default
 
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -331,13 +336,15 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 class KernelCache(dict):
-    """Tensors derived from one layer's weights for its fast kernels (prepacked oneDNN weights,
-    dense depthwise matrices), keyed by whatever they depend on, including `weight_key`, so
-    in-place edits and moves rebuild them.
+    """Tensors derived from one layer's weight for its fast kernels (prepacked oneDNN weights,
+    dense depthwise matrices), keyed by what they depend on besides the weight (input rows or
+    shape, layout, dtype). Each entry remembers the weight it was built from (the tensor, its
+    storage and its version counter) and is rebuilt when any of these changed, so in-place
+    edits, ``.data`` swaps, new Parameters and moves are all seen.
 
     Not parameters or buffers: never in the state dict, never exported. A deepcopy or pickle of
     the layer starts with an empty cache (prepacked oneDNN tensors cannot be copied), and at
-    most `max_entries` input shapes are kept per layer.
+    most `max_entries` keys are kept per layer.
     """
 
     max_entries = 4
@@ -348,20 +355,21 @@ class KernelCache(dict):
     def __reduce__(self):
         return type(self), ()
 
-    def get_or_build(self, key, build):
-        value = self.get(key)
-        if value is None:
-            if len(self) >= self.max_entries:
+    def get_or_build(self, key, weight: torch.Tensor, build):
+        """The tensor cached under `key`, built by ``build()`` (under no_grad) if missing or if
+        `weight` is not what it was built from; a build returning None is not cached. Inference
+        tensors keep no version counter, so for them only the tensor and storage are compared."""
+        entry = self.get(key)
+        version = -1 if weight.is_inference() else weight._version
+        if entry is None or entry[0] is not weight or entry[1] != version or entry[2] != weight.data_ptr():
+            if entry is None and len(self) >= self.max_entries:
                 self.clear()
             with torch.no_grad():
-                value = self[key] = build()
-        return value
-
-
-def weight_key(weight: torch.Tensor) -> tuple[int, int]:
-    """What identifies a weight's current values for a `KernelCache`: its storage and version.
-    Inference tensors keep no version; they are keyed by storage alone."""
-    return weight.data_ptr(), -1 if weight.is_inference() else weight._version
+                value = build()
+            if value is None:  # nothing to cache: the caller has no fast form for this key
+                return None
+            entry = self[key] = (weight, version, weight.data_ptr(), value)
+        return entry[3]
 
 
 def kernel_cache(module: nn.Module) -> KernelCache:
@@ -372,14 +380,23 @@ def kernel_cache(module: nn.Module) -> KernelCache:
     return cache
 
 
-def prepacked_linear(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, tag: str) -> torch.Tensor:
-    """``x @ weight.T + layer.bias`` (``weight [out, in]``, ``x [..., in]``) through oneDNN, with
-    `weight` reordered once per number of rows of `x` and kept in `layer`'s `KernelCache`
-    under `tag`. Call only where `eager_cpu_inference` and `onednn_applies` hold."""
+def prepacked_linear(
+    layer: nn.Module, x: torch.Tensor, tag: str, act: str = "none", add: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``act(x @ W.T + layer.bias) + add`` through oneDNN for ``x [..., in]``, where ``W [out,
+    in]`` is `layer`'s weight (a Linear's, or a 1x1 conv's ``[out, in, 1, 1]``), reordered once
+    per number of rows of `x` and kept in `layer`'s `KernelCache` under `tag`. `act` is
+    ``"none"`` or ``"relu"``, fused; `add` (the output's shape, only without an `act`) is
+    fused too. Call only where `eager_cpu_inference` and `onednn_applies` hold."""
     rows = x.numel() // x.shape[-1]
+    params = layer._parameters
+    weight = params["weight"]
     packed = kernel_cache(layer).get_or_build(
-        (tag, rows, weight_key(weight)), lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows))
-    return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+        (tag, rows), weight,
+        lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach().reshape(weight.shape[0], -1), rows))
+    if add is not None:
+        return _LINEAR_ADD(x, add, packed, params["bias"], "add")
+    return _LINEAR(x, packed, params["bias"], act, [], "")
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -442,7 +459,7 @@ class DeployConv2d(nn.Conv2d):
             if onednn and macs > self.onednn_rows_min_macs and _is_channels_last(x):
                 # Rows in, rows out: [B*H*W, Ci] @ W.T with the weight prepacked, bias fused;
                 # the result is the NCHW tensor with channels-last strides, as oneDNN convs give.
-                y = prepacked_linear(self, x.permute(0, 2, 3, 1).reshape(b * h * w, c), weight, "rows")
+                y = prepacked_linear(self, x.permute(0, 2, 3, 1).reshape(b * h * w, c), "rows")
                 return y.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
             if b == 1 and onednn and macs > self.onednn_matmul_min_macs:
                 # linear(A, B) = A @ B.T: the weight is the left operand, the activation (as its
@@ -471,38 +488,113 @@ class DeployConv2d(nn.Conv2d):
             return self._onednn_conv(x)
         return None
 
-    def _onednn_conv(self, x: torch.Tensor) -> torch.Tensor:
+    def _onednn_conv(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         channels_last = _is_channels_last(x)
-        key = ("conv", tuple(x.shape), channels_last, weight_key(self.weight))
-        packed = kernel_cache(self).get_or_build(key, lambda: torch.ops.mkldnn._reorder_convolution_weight(
-            self.weight.detach().contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format),
-            *args, list(x.shape)))
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, *args, "none", [], "")
+        params = self._parameters
+        weight = params["weight"]
+        packed = kernel_cache(self).get_or_build(("conv", x.shape, channels_last), weight, lambda: (
+            torch.ops.mkldnn._reorder_convolution_weight(
+                weight.detach().contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format),
+                *args, list(x.shape))))
+        return _CONV(x, packed, params["bias"], *args, act, [], "")
+
+    # --- channels-last inference (see `zoo.models.nhwc`) --------------------------------
+    def forward_nhwc(self, t: torch.Tensor, act: str = "none", add: torch.Tensor | None = None) -> torch.Tensor:
+        """``act(conv(t)) + add`` on an NHWC tensor ``t [B, H, W, Ci]``, returning a contiguous
+        NHWC ``[B, Ho, Wo, Co]``; `act` is ``"none"`` or ``"relu"``, `add` (NHWC, the output's
+        shape) is only allowed without one.
+
+        A 1x1 stride-1 ungrouped conv is a product of the ``[B*H*W, Ci]`` rows (`forward_rows`);
+        other convs go through oneDNN with the activation fused; both read and write NHWC, so
+        a chain of layers never changes layout. Outside float32 eager CPU inference with
+        oneDNN, or with hooks on this layer, it is this module's own forward, NCHW in and out,
+        with the activation and sum applied after it."""
+        if act not in ("none", "relu") or (add is not None and act != "none"):
+            raise ValueError(f"forward_nhwc takes act 'none' or 'relu', and add only without one (got {act!r})")
+        if not self._nhwc_applies(t):
+            return nchw_fallback(self, t, act, add)
+        b, h, w, c = t.shape
+        if self._is_pointwise():
+            m = b * h * w
+            y = self.forward_rows(t.reshape(m, c), act, None if add is None else add.view(m, self.out_channels))
+            return y.view(b, h, w, self.out_channels)
+        if self.padding_mode != "zeros" or not isinstance(self.padding, tuple):
+            return nchw_fallback(self, t, act, add)
+        y = self._onednn_conv(t.permute(0, 3, 1, 2), act).permute(0, 2, 3, 1)
+        return y if add is None else y.add_(add)
+
+    def forward_rows(self, x: torch.Tensor, act: str = "none", add: torch.Tensor | None = None) -> torch.Tensor:
+        """A 1x1 stride-1 ungrouped conv on token rows: ``act(x @ W.T + bias) + add`` for
+        ``x [M, Ci]`` and ``add [M, Co]``, as `forward_nhwc`; call only where `_nhwc_applies`.
+
+        Above `onednn_rows_min_macs` multiply-adds, one oneDNN product with the weight
+        prepacked for M rows and the activation or the sum fused into it; below, MKL's
+        ``addmm`` (oneDNN's fixed cost per call is larger than such a product)."""
+        params = self._parameters
+        weight, bias = params["weight"], params["bias"]
+        if x.shape[0] * weight.numel() > self.onednn_rows_min_macs:
+            return prepacked_linear(self, x, "rows", act, add)
+        weight = weight.view(self.out_channels, -1).t()
+        y = torch.addmm(bias, x, weight) if bias is not None else x @ weight
+        if act == "relu":
+            y.relu_()
+        return y if add is None else y.add_(add)
+
+    def _is_pointwise(self) -> bool:
+        """A 1x1, stride-1, unpadded, ungrouped conv: a product of token rows."""
+        return self.kernel_size == (1, 1) and self.groups == 1 and self.stride == (1, 1) and self.padding == (0, 0)
+
+    def _nhwc_applies(self, t: torch.Tensor) -> bool:
+        """The channels-last kernels may serve this call: a float32 CPU input and weight,
+        oneDNN, no hooks on this layer, and no autograd through the weight."""
+        w = self._parameters["weight"]
+        return (
+            _ONEDNN
+            and t.is_cpu
+            and t.dtype == torch.float32
+            and w.dtype == torch.float32
+            and not (self._forward_hooks or self._forward_pre_hooks)
+            and not (w.requires_grad and torch.is_grad_enabled())
+        )
 
     def _dense_depthwise(self, h: int, w: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """``[C, H*W, H*W]``: this stride-1 'same' depthwise conv on an ``H x W`` grid as one
+        matrix per channel (row q: the response to a unit impulse at q), or None where it has
+        no dense form within `dense_max_tokens` and `dense_max_bytes` (part of the cache key,
+        so changing them takes effect)."""
+        weight = self._parameters["weight"]
+        key = ("dense", h, w, dtype, self.dense_max_tokens, self.dense_max_bytes)
+        return kernel_cache(self).get_or_build(key, weight, lambda: self._build_dense(weight, h, w, dtype))
+
+    def _build_dense(self, weight: torch.Tensor, h: int, w: int, dtype: torch.dtype) -> torch.Tensor | None:
         k = self.kernel_size
         c = self.in_channels
+        n = h * w
         if not (
             self.groups == c == self.out_channels
             and self.stride == (1, 1)
             and self.dilation == (1, 1)
             and self.padding == (k[0] // 2, k[1] // 2)
             and self.padding_mode == "zeros"
-            and h * w <= self.dense_max_tokens
-            and c * (h * w) ** 2 * self.weight.element_size() <= self.dense_max_bytes
+            and n <= self.dense_max_tokens
+            and c * n * n * weight.element_size() <= self.dense_max_bytes
         ):
             return None
+        impulses = torch.eye(n, dtype=dtype).view(n, 1, h, w).expand(n, c, h, w)
+        resp = F.conv2d(impulses, weight.to(dtype), None, 1, self.padding, 1, c)
+        return resp.reshape(n, c, n).transpose(0, 1).contiguous()  # [C, q, p]
 
-        def build() -> torch.Tensor:
-            n = h * w
-            # Response to a unit impulse at each position q: row q of the matrix, per channel.
-            impulses = torch.eye(n, dtype=dtype).view(n, 1, h, w).expand(n, c, h, w)
-            resp = F.conv2d(impulses, self.weight.to(dtype), None, 1, self.padding, 1, c)
-            return resp.reshape(n, c, n).transpose(0, 1).contiguous()  # [C, q, p]
 
-        key = ("dense", h, w, dtype, weight_key(self.weight))
-        return kernel_cache(self).get_or_build(key, build)
+def nchw_fallback(module: nn.Module, t: torch.Tensor, act: str = "none", add: torch.Tensor | None = None) -> torch.Tensor:
+    """``act(module(x)) + add`` for an NHWC tensor ``t [B, H, W, C]`` through `module`'s own
+    forward (its hooks fire): ``x`` is the NCHW view of `t`; the result is contiguous NHWC."""
+    y = module(t.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    if act == "relu":
+        y = F.relu(y)
+    if add is not None:
+        y = y + add
+    return y.contiguous()
 
 
 class DeployLinear(nn.Linear):
@@ -514,7 +606,7 @@ class DeployLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0 or not (eager_cpu_inference(x, self.weight) and onednn_applies(x, self.weight)):
             return super().forward(x)
-        return prepacked_linear(self, x, self.weight, "linear")
+        return prepacked_linear(self, x, "linear")
 
 
 def use_deploy_kernels(module: nn.Module) -> nn.Module:

@@ -121,23 +121,116 @@ def test_deploy_form_drops_bias_tables_and_keeps_outputs_in_grad_mode_too():
 
 
 @pytest.mark.parametrize("batch", [1, 4])
-def test_deploy_attention_as_direct_products_equals_the_module_path(batch, monkeypatch):
+def test_deploy_attention_on_token_rows_equals_the_module_path(batch, monkeypatch):
     from zoo.models.efficientvit import CascadedGroupAttention
 
     model = zoo.export.reparameterize(randomize_(zoo.create_model("efficientvit_m0")))
     for attn, r in ((model.stages[0].blocks[0].mixer.m.attn, 7), (model.stages[2].blocks[0].mixer.m.attn, 4)):
-        x = torch.randn(batch, attn.num_heads * attn.val_dim, r, r)
+        c = attn.num_heads * attn.val_dim
+        x = torch.randn(batch, c, r, r)
+        rows = x.permute(0, 2, 3, 1).reshape(batch, r * r, c)
         with torch.inference_mode():
-            fast = attn._forward_deploy_matmuls(x)
-            monkeypatch.setattr(CascadedGroupAttention, "_forward_deploy_matmuls", lambda self, t: None)
+            fast = attn.forward_windows(rows)
+            fast_plus = attn.forward_windows(rows, rows)
+            monkeypatch.setattr(CascadedGroupAttention, "forward_windows", lambda self, t, add=None: None)
             slow = attn(x)
             monkeypatch.undo()
-        assert fast is not None and rel_err(fast, slow) < 1e-5
+        slow_rows = slow.permute(0, 2, 3, 1).reshape(rows.shape)
+        assert fast is not None and rel_err(fast, slow_rows) < 1e-5
+        assert rel_err(fast_plus, slow_rows + rows) < 1e-5
         # a window too large for the dense query matrices: no fast form, the module path serves
         monkeypatch.setattr(type(attn.dws[0]), "dense_max_tokens", 8)
         with torch.inference_mode():
-            assert attn._forward_deploy_matmuls(x) is None and rel_err(attn(x), slow) < 1e-5
+            assert attn.forward_windows(rows) is None and rel_err(attn(x), slow) < 1e-5
         monkeypatch.undo()
+
+
+def _module_path(model, x, monkeypatch):
+    """`model(x)` with the channels-last path switched off (the modules' own deploy forwards)."""
+    import zoo.models.efficientvit as ev
+
+    monkeypatch.setattr(ev, "nhwc_applies", lambda t: False)
+    try:
+        return model(x)
+    finally:
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("img_size, batch", [(224, 1), (256, 2)])
+def test_channels_last_inference_path_is_taken_and_equals_the_module_path(img_size, batch, monkeypatch):
+    """Eager CPU inference of the deploy form runs `zoo.models.nhwc` (at 256 the 16x16 grid pads
+    its 7x7 windows); it must give the module path's outputs and never fall back."""
+    import zoo.models.efficientvit as ev
+    import zoo.models.layers as layers
+    import zoo.models.nhwc as nhwc
+    from zoo.models.efficientvit import CascadedGroupAttention
+
+    model = randomize_(zoo.create_model("efficientvit_m1", img_size=img_size)).eval()
+    x = torch.randn(batch, 3, img_size, img_size)
+    with torch.no_grad():
+        ref = model(x)
+    deployed = zoo.export.reparameterize(model)
+    windows, fallbacks = [], []
+    real_windows, real_fallback = CascadedGroupAttention.forward_windows, nhwc.nchw_fallback
+    monkeypatch.setattr(CascadedGroupAttention, "forward_windows",
+                        lambda self, t, add=None: windows.append(t.shape[0]) or real_windows(self, t, add))
+    for module in (nhwc, ev, layers):
+        monkeypatch.setattr(module, "nchw_fallback", lambda *a, **k: fallbacks.append(a[0]) or real_fallback(*a, **k))
+    with torch.inference_mode():
+        fast = deployed(x)
+    monkeypatch.undo()
+    per_image = ((img_size // 16 + 6) // 7) ** 2  # stage 1's 7x7 windows
+    assert windows and windows[0] == batch * per_image and not fallbacks
+    assert len(windows) == sum(len(s.blocks) for s in deployed.stages)
+    with torch.inference_mode():
+        slow = _module_path(deployed, x, monkeypatch)
+    assert rel_err(fast, slow) < 1e-5 and rel_err(fast, ref) < 1e-5
+    with torch.inference_mode():
+        f = deployed.forward_features(x)
+    assert f.shape == (batch, 192, deployed.feature_resolution, deployed.feature_resolution)
+
+
+def test_channels_last_inference_honours_hooks_and_weight_edits():
+    model = zoo.export.reparameterize(randomize_(zoo.create_model("efficientvit_m0")))
+    twin = zoo.export.reparameterize(randomize_(zoo.create_model("efficientvit_m0")))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        ref = model(x)
+    # hooks inside the fused units fire, with the NCHW tensors the module path gives them
+    seen = []
+    blk = model.stages[1].blocks[0]
+    handles = [
+        blk.mixer.m.attn.qkvs[1].register_forward_hook(lambda m, a, out: seen.append(("qkv", tuple(out.shape)))),
+        blk.ffn0.m.act.register_forward_hook(lambda m, a, out: seen.append(("act", tuple(out.shape)))),
+        model.stages[2].downsample.patchmerge.se.register_forward_pre_hook(lambda m, a: seen.append(("se", tuple(a[0].shape)))),
+    ]
+    with torch.inference_mode():
+        hooked_out = model(x)
+    for h in handles:
+        h.remove()
+    assert sorted(seen) == [("act", (1, 256, 7, 7)), ("qkv", (1, 64, 7, 7)), ("se", (1, 512, 4, 4))]
+    assert rel_err(hooked_out, ref) < 1e-5
+    # edits after a fast run: in place, a new Parameter, a replaced layer
+    with torch.inference_mode():
+        assert rel_err(model(x), ref) < 1e-5
+    with torch.no_grad():
+        model.stages[2].blocks[0].ffn0.m.pw1.weight.mul_(0.5)
+        model.stages[1].blocks[0].mixer.m.attn.dws[0].weight.mul_(-1.0)
+        model.stages[0].blocks[0].mixer.m.attn.proj[1].weight = torch.nn.Parameter(
+            model.stages[0].blocks[0].mixer.m.attn.proj[1].weight * 2, requires_grad=False)
+    model.stages[1].blocks[0].dw0 = twin.stages[1].blocks[0].dw0
+    with torch.inference_mode():
+        edited = model(x)
+    import zoo.models.efficientvit as ev
+
+    orig = ev.nhwc_applies
+    ev.nhwc_applies = lambda t: False
+    try:
+        with torch.inference_mode():
+            expected = model(x)
+    finally:
+        ev.nhwc_applies = orig
+    assert rel_err(edited, ref) > 1e-3 and rel_err(edited, expected) < 1e-5
 
 
 def test_img_size_256_pads_windows_and_wrong_sizes_are_clear_errors():

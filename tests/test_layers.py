@@ -179,3 +179,106 @@ def test_resize_bias_tables_only_touches_tables_that_differ():
     const = resize_bias_tables({"attention_biases": torch.full((2, 49), 3.0)}, model, antialias=False)
     assert torch.allclose(const["attention_biases"], torch.full((2, 64), 3.0))
     assert bias_index(3).shape == (9, 9) and bias_index(4, query_stride=2).shape == (4, 16)
+
+
+# --- channels-last inference (zoo.models.nhwc) -----------------------------------------
+
+
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "conv, size",
+    [
+        (torch.nn.Conv2d(16, 48, 1), 4),  # small product: addmm
+        (torch.nn.Conv2d(96, 192, 1), 14),  # above onednn_rows_min_macs: prepacked oneDNN
+        (torch.nn.Conv2d(96, 192, 1, bias=False), 14),
+        (torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), 7),  # depthwise: oneDNN conv
+        (torch.nn.Conv2d(24, 24, 3, stride=2, padding=1, groups=24), 14),
+        (torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), 16),  # stem-like
+    ],
+)
+@pytest.mark.parametrize("act, with_add", [("none", False), ("relu", False), ("none", True)])
+def test_deploy_conv_nhwc_equals_conv_act_add(conv, size, act, with_add):
+    ref, fast = _deploy_copy(conv, DeployConv2d)
+    x = torch.randn(2, conv.in_channels, size, size)
+    with torch.inference_mode():
+        expected = ref(x)
+        if act == "relu":
+            expected = expected.relu()
+        add = torch.randn_like(expected) if with_add else None
+        if add is not None:
+            expected = expected + add
+        y = fast.forward_nhwc(_nhwc(x), act=act, add=None if add is None else _nhwc(add))
+    assert y.is_contiguous() and y.shape == _nhwc(expected).shape
+    assert rel_err(y, _nhwc(expected)) < 1e-5
+    # one cached kernel, of the path the docstring names
+    tags = [k[0] for k in kernel_cache(fast)]
+    big_product = fast._is_pointwise() and 2 * size * size * fast.weight.numel() > fast.onednn_rows_min_macs
+    assert tags == (["rows"] if big_product else [] if fast._is_pointwise() else ["conv"])
+    # in-place edits reach the cached kernels
+    with torch.no_grad():
+        fast.weight.mul_(-0.5)
+        ref.weight.mul_(-0.5)
+    with torch.inference_mode():
+        expected = ref(x).relu() if act == "relu" else ref(x)
+        expected = expected + add if add is not None else expected
+        assert rel_err(fast.forward_nhwc(_nhwc(x), act=act, add=None if add is None else _nhwc(add)), _nhwc(expected)) < 1e-5
+
+
+@needs_onednn
+def test_deploy_conv_nhwc_falls_back_to_its_forward_for_hooks_dtypes_and_autograd():
+    ref, fast = _deploy_copy(torch.nn.Conv2d(32, 64, 1), DeployConv2d)
+    x = torch.randn(1, 32, 8, 8)
+    seen = []
+    handle = fast.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    with torch.inference_mode():
+        y = fast.forward_nhwc(_nhwc(x), act="relu")
+    handle.remove()
+    assert seen == [torch.Size([1, 32, 8, 8])], "the hook must fire, with the NCHW input it always sees"
+    assert rel_err(y, _nhwc(ref(x).relu())) < 1e-5 and len(kernel_cache(fast)) == 0
+    with torch.inference_mode():
+        y64 = fast.double().forward_nhwc(_nhwc(x.double()))
+    assert y64.dtype == torch.float64 and rel_err(y64, _nhwc(ref.double()(x.double()))) < 1e-10
+    fast.float().requires_grad_(True)
+    fast.forward_nhwc(_nhwc(x)).sum().backward()
+    assert fast.weight.grad is not None
+    with pytest.raises(ValueError, match="act"):
+        fast.forward_nhwc(_nhwc(x), act="gelu")
+
+
+@needs_onednn
+def test_run_nhwc_fuses_sequences_and_residuals_and_falls_back_for_the_rest():
+    from zoo.models.layers import Residual, use_deploy_kernels
+    from zoo.models.nhwc import nhwc_applies, run_nhwc
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(8, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        Residual(torch.nn.Sequential(torch.nn.Conv2d(32, 64, 1), torch.nn.ReLU(), torch.nn.Conv2d(64, 32, 1))),
+        torch.nn.Identity(),
+        torch.nn.GELU(),  # no channels-last form: its own forward on the NCHW view
+        torch.nn.Conv2d(32, 16, 3, stride=2, padding=1),
+    ).eval()
+    x = torch.randn(2, 8, 12, 12)
+    with torch.inference_mode():
+        expected = net(x)
+        use_deploy_kernels(net.requires_grad_(False))
+        assert nhwc_applies(x) and not nhwc_applies(x.double())
+        y = run_nhwc(net, x.permute(0, 2, 3, 1))
+        assert rel_err(y, _nhwc(expected)) < 1e-5
+        # a hook anywhere is honoured: on the whole residual, and on a fused ReLU
+        calls = []
+        h1 = net[2].register_forward_hook(lambda *a: calls.append("residual"))
+        h2 = net[1].register_forward_hook(lambda *a: calls.append("relu"))
+        y = run_nhwc(net, x.permute(0, 2, 3, 1))
+        h1.remove(), h2.remove()
+    assert calls == ["relu", "residual"] and rel_err(y, _nhwc(expected)) < 1e-5
+    glob = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert not nhwc_applies(x)
+    finally:
+        glob.remove()
