@@ -35,6 +35,13 @@ Deploy form (`EfficientVit.reparameterize`): every BatchNorm folded into the con
 to it, every residual depthwise conv folded into one conv with the identity in its centre
 tap, the query scale folded into the query conv, and each head's bias table expanded once
 into a dense ``[N, N]`` tensor. Same outputs (to float rounding), no BatchNorm, fewer ops.
+
+Eager float32 CPU inference of the deploy form runs on channels-last token rows
+(`zoo.models.nhwc`): every 1x1 conv is one prepacked oneDNN product with its ReLU or residual
+sum fused, each window's attention is a few batched products on ``[windows, tokens, C]`` rows
+(`CascadedGroupAttention.forward_windows`), and the blocks call their layers directly. A
+module with hooks is run through its own forward so the hooks fire; tracing, export,
+autograd and other dtypes or devices always take the module path.
 """
 from __future__ import annotations
 
@@ -366,19 +373,21 @@ class PatchMerging(nn.Module):
 def _squeeze_excite_nhwc(se: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """timm's `SqueezeExcite` (mean, 1x1 conv, ReLU, 1x1 conv, sigmoid, scale) on a fresh NHWC
     tensor `h`, scaled in place; any other form or hooks: its own forward."""
+    mods = se._modules
+    fc1, bn, act, fc2, gate = (mods.get(k) for k in ("fc1", "bn", "act", "fc2", "gate"))
     plain = (
-        not getattr(se, "add_maxpool", True)
-        and isinstance(se.bn, nn.Identity)
-        and type(se.act) is nn.ReLU
-        and type(se.gate) in (nn.Sigmoid, TimmSigmoid)
-        and isinstance(se.fc1, DeployConv2d)
-        and isinstance(se.fc2, DeployConv2d)
-        and not hooked(se, se.bn, se.act, se.gate)
+        se.__dict__.get("add_maxpool") is False
+        and isinstance(bn, nn.Identity)
+        and type(act) is nn.ReLU
+        and type(gate) in (nn.Sigmoid, TimmSigmoid)
+        and isinstance(fc1, DeployConv2d)
+        and isinstance(fc2, DeployConv2d)
+        and not hooked(se, bn, act, gate)
     )
     if not plain:
         return run_nhwc(se, h)
-    s = se.fc1.forward_nhwc(h.mean(dim=(1, 2), keepdim=True), act="relu")
-    return h.mul_(se.fc2.forward_nhwc(s).sigmoid_())
+    s = fc1.forward_nhwc(h.mean(dim=(1, 2), keepdim=True), act="relu")
+    return h.mul_(fc2.forward_nhwc(s).sigmoid_())
 
 
 def _dw_ffn(dim: int) -> nn.Sequential:

@@ -489,14 +489,17 @@ class DeployConv2d(nn.Conv2d):
         return None
 
     def _onednn_conv(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
-        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         channels_last = _is_channels_last(x)
         params = self._parameters
         weight = params["weight"]
-        packed = kernel_cache(self).get_or_build(("conv", x.shape, channels_last), weight, lambda: (
-            torch.ops.mkldnn._reorder_convolution_weight(
-                weight.detach().contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format),
-                *args, list(x.shape))))
+
+        def build() -> tuple:
+            args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            return torch.ops.mkldnn._reorder_convolution_weight(
+                weight.detach().contiguous(memory_format=layout), *args, list(x.shape)), args
+
+        packed, args = kernel_cache(self).get_or_build(("conv", x.shape, channels_last), weight, build)
         return _CONV(x, packed, params["bias"], *args, act, [], "")
 
     # --- channels-last inference (see `zoo.models.nhwc`) --------------------------------
