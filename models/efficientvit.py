@@ -63,6 +63,7 @@ from zoo.models.layers import (
     Residual,
     bias_index,
     densify_bias,
+    can_write_inplace,
     eager_cpu_inference,
     fuse_modules,
     resize_bias_tables,
@@ -372,7 +373,7 @@ class PatchMerging(nn.Module):
 
 def _squeeze_excite_nhwc(se: nn.Module, h: torch.Tensor) -> torch.Tensor:
     """timm's `SqueezeExcite` (mean, 1x1 conv, ReLU, 1x1 conv, sigmoid, scale) on a fresh NHWC
-    tensor `h`, scaled in place; any other form or hooks: its own forward."""
+    tensor `h`, scaled in place where autograd allows; any other form, or hooks: its forward."""
     mods = se._modules
     fc1, bn, act, fc2, gate = (mods.get(k) for k in ("fc1", "bn", "act", "fc2", "gate"))
     plain = (
@@ -386,8 +387,8 @@ def _squeeze_excite_nhwc(se: nn.Module, h: torch.Tensor) -> torch.Tensor:
     )
     if not plain:
         return run_nhwc(se, h)
-    s = fc1.forward_nhwc(h.mean(dim=(1, 2), keepdim=True), act="relu")
-    return h.mul_(fc2.forward_nhwc(s).sigmoid_())
+    gate = fc2.forward_nhwc(fc1.forward_nhwc(h.mean(dim=(1, 2), keepdim=True), act="relu")).sigmoid()
+    return h.mul_(gate) if can_write_inplace(h) else h * gate
 
 
 def _dw_ffn(dim: int) -> nn.Sequential:

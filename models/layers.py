@@ -395,7 +395,7 @@ def prepacked_linear(
         (tag, rows), weight,
         lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach().reshape(weight.shape[0], -1), rows))
     if add is not None:
-        return _LINEAR_ADD(x, add, packed, params["bias"], "add")
+        return _LINEAR_ADD(x, add.contiguous(), packed, params["bias"], "add")
     return _LINEAR(x, packed, params["bias"], act, [], "")
 
 
@@ -520,7 +520,7 @@ class DeployConv2d(nn.Conv2d):
         b, h, w, c = t.shape
         if self._is_pointwise():
             m = b * h * w
-            y = self.forward_rows(t.reshape(m, c), act, None if add is None else add.view(m, self.out_channels))
+            y = self.forward_rows(t.reshape(m, c), act, None if add is None else add.reshape(m, self.out_channels))
             return y.view(b, h, w, self.out_channels)
         if self.padding_mode != "zeros" or not isinstance(self.padding, tuple):
             return nchw_fallback(self, t, act, add)

@@ -190,6 +190,20 @@ def test_channels_last_inference_path_is_taken_and_equals_the_module_path(img_si
     assert f.shape == (batch, 192, deployed.feature_resolution, deployed.feature_resolution)
 
 
+def test_deploy_form_with_trainable_weights_gives_gradients():
+    """Weights set trainable again after deploy: every fused unit falls back to autograd-safe ops."""
+    model = randomize_(zoo.create_model("efficientvit_m0", img_size=128)).eval()
+    deployed = zoo.export.reparameterize(model).requires_grad_(True)
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        ref = model(x)
+    out = deployed(x)
+    assert rel_err(out, ref) < 1e-5 and out.requires_grad
+    out.square().sum().backward()
+    grads = [p.grad for p in deployed.parameters()]
+    assert all(g is not None for g in grads) and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_channels_last_inference_honours_hooks_and_weight_edits():
     model = zoo.export.reparameterize(randomize_(zoo.create_model("efficientvit_m0")))
     twin = zoo.export.reparameterize(randomize_(zoo.create_model("efficientvit_m0")))
