@@ -62,13 +62,13 @@ from zoo.models.layers import (
     NormLinear,
     Residual,
     bias_index,
-    densify_bias,
     can_write_inplace,
+    densify_bias,
     eager_cpu_inference,
     fuse_modules,
+    nchw_fallback,
     resize_bias_tables,
     use_deploy_kernels,
-    nchw_fallback,
 )
 from zoo.models.nhwc import hooked, nhwc_applies, run_nhwc
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Metric, ModelCard, Paper, register_model
@@ -340,6 +340,7 @@ class EfficientVitBlock(nn.Module):
         return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
 
     def forward_nhwc(self, t: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward(t) + add`` on NHWC tensors (`zoo.models.nhwc`), each part called directly."""
         mods = self._modules
         for name in ("dw0", "ffn0", "mixer", "dw1"):
             t = run_nhwc(mods[name], t)
@@ -436,6 +437,7 @@ class EfficientVitStage(nn.Module):
         return self.blocks(self.downsample(x))
 
     def forward_nhwc(self, t: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward(t) + add`` on NHWC tensors (`zoo.models.nhwc`)."""
         mods = self._modules
         return run_nhwc(mods["blocks"], run_nhwc(mods["downsample"], t), add=add)
 

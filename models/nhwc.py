@@ -2,8 +2,8 @@
 
 At batch 1 a small vision model is hundreds of layers of a few million multiply-adds each,
 and on the CPU much of its time is spent around the arithmetic: Python module calls,
-layout conversions between layers, separate passes for activations and residual sums, and
-oneDNN's fixed cost per call. `run_nhwc` runs a module tree on ``[B, H, W, C]`` tensors
+layout conversions between layers, separate passes for activations and residual sums (and
+oneDNN's fixed cost per call, which stays). `run_nhwc` runs a module tree on ``[B, H, W, C]`` tensors
 instead: every 1x1 conv is one product of the ``[B*H*W, C]`` token rows, every other conv
 reads and writes NHWC through oneDNN, so no layer changes the layout; ReLUs and residual
 sums are fused into the conv or product that produces their input, and composite modules
@@ -12,7 +12,7 @@ Measured on EfficientViT-M5 at batch 1 (2 cores, same process): 10.9 ms per imag
 modules' own deploy forwards, 9.6 ms here (timm: 18.1 ms), the same outputs to float rounding.
 
 The protocol: a module that has a fused channels-last form defines
-``forward_nhwc(t, add=None) -> act(f(t)) + add`` (``t`` and the result contiguous NHWC);
+``forward_nhwc(t, add=None) -> f(t) + add`` (``t`` and the result contiguous NHWC);
 `run_nhwc` calls it, or handles the generic containers (`nn.Sequential`, `Residual`,
 `nn.Identity`, `nn.ReLU`) itself, or falls back to the module's own forward on the NCHW
 view (`nchw_fallback`). A module with forward hooks is always called through its forward,
