@@ -278,19 +278,17 @@ def _graph_capture() -> bool:
     return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
 
 
-def eager_cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True when a deploy-form fast path may run: eager mode (no tracing, scripting, compiling
-    or exporting), a CPU input, and no autograd graph to record through `x` or `weight`."""
-    return x.device.type == "cpu" and not _graph_capture() and not (
-        torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad)
-    )
-
-
 def can_write_inplace(t: torch.Tensor) -> bool:
     """True when eager inference may overwrite `t` (a fresh intermediate): no graph capture and
     no autograd history to keep. Deploy forms use it to allocate fewer large buffers, which on
     the CPU costs page faults (PyTorch's CPU allocator does not cache)."""
     return not _graph_capture() and not (torch.is_grad_enabled() and t.requires_grad)
+
+
+def eager_cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True when a deploy-form fast path may run: eager mode (no tracing, scripting, compiling
+    or exporting), a CPU input, and no autograd graph to record through `x` or `weight`."""
+    return x.is_cpu and can_write_inplace(x) and not (torch.is_grad_enabled() and weight.requires_grad)
 
 
 def add_(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
