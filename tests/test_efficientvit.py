@@ -204,7 +204,7 @@ def test_deploy_form_with_trainable_weights_gives_gradients():
     assert all(g is not None for g in grads) and all(torch.isfinite(g).all() for g in grads)
 
 
-def test_channels_last_inference_honours_hooks_and_weight_edits():
+def test_channels_last_inference_honours_hooks_and_weight_edits(monkeypatch):
     model = zoo.export.reparameterize(randomize_(zoo.create_model("efficientvit_m0")))
     twin = zoo.export.reparameterize(randomize_(zoo.create_model("efficientvit_m0")))
     x = torch.randn(1, 3, 224, 224)
@@ -235,15 +235,7 @@ def test_channels_last_inference_honours_hooks_and_weight_edits():
     model.stages[1].blocks[0].dw0 = twin.stages[1].blocks[0].dw0
     with torch.inference_mode():
         edited = model(x)
-    import zoo.models.efficientvit as ev
-
-    orig = ev.nhwc_applies
-    ev.nhwc_applies = lambda t: False
-    try:
-        with torch.inference_mode():
-            expected = model(x)
-    finally:
-        ev.nhwc_applies = orig
+        expected = _module_path(model, x, monkeypatch)
     assert rel_err(edited, ref) > 1e-3 and rel_err(edited, expected) < 1e-5
 
 
