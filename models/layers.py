@@ -451,7 +451,7 @@ class DeployConv2d(nn.Conv2d):
         """The fast paths, or None where the stock convolution is the only choice."""
         b, c, h, w = x.shape
         onednn = onednn_applies(x, self.weight)
-        if self.kernel_size == (1, 1) and self.groups == 1 and self.stride == (1, 1) and self.padding == (0, 0):
+        if self._is_pointwise():
             macs = c * self.out_channels * h * w
             weight = self.weight.view(self.out_channels, c)
             if onednn and macs > self.onednn_rows_min_macs and _is_channels_last(x):
@@ -551,10 +551,8 @@ class DeployConv2d(nn.Conv2d):
         oneDNN, no hooks on this layer, and no autograd through the weight."""
         w = self._parameters["weight"]
         return (
-            _ONEDNN
-            and t.is_cpu
-            and t.dtype == torch.float32
-            and w.dtype == torch.float32
+            t.is_cpu
+            and onednn_applies(t, w)
             and not (self._forward_hooks or self._forward_pre_hooks)
             and not (w.requires_grad and torch.is_grad_enabled())
         )

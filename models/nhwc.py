@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.models.layers import DeployConv2d, Residual, _graph_capture, _ONEDNN, nchw_fallback
+from zoo.models.layers import _ONEDNN, DeployConv2d, Residual, can_write_inplace, nchw_fallback
 
 __all__ = ["nhwc_applies", "hooked", "run_nhwc"]
 
@@ -41,8 +41,7 @@ def nhwc_applies(x: torch.Tensor) -> bool:
         and x.dim() == 4
         and x.dtype == torch.float32
         and x.is_cpu
-        and not _graph_capture()
-        and not (x.requires_grad and torch.is_grad_enabled())
+        and can_write_inplace(x)  # eager, and no autograd history through x
         and not _global_hooks()
     )
 
