@@ -6,7 +6,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from zoo.models.layers import fuse_conv_bn
+from zoo.nn import fuse_conv_bn
 
 __all__ = ["reparameterize"]
 

@@ -49,18 +49,9 @@ from timm.layers import DropPath, LayerNorm2d, LayerScale, LayerScale2d, Mlp, tr
 
 from zoo.errors import ConfigError
 from zoo.hub import WeightEntry
-from zoo.models.layers import (
-    bias_index,
-    densify_bias,
-    fold_scale_into_out_channels,
-    fuse_conv_bn,
-    add_,
-    can_write_inplace,
-    fuse_modules,
-    mul_add,
-    resize_bias_tables,
-    use_deploy_kernels,
-)
+from zoo.models.cpu_kernels import add_, can_write_inplace, mul_add, use_deploy_kernels
+from zoo.models.layers import bias_index, densify_bias, resize_bias_tables
+from zoo.nn import fold_scale_into_out_channels, fuse_conv_bn, fuse_modules
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Metric, ModelCard, Paper, register_model
 
 __all__ = ["DistilledClassifier", "EfficientFormer", "convert_official", "convert_timm", "merge_heads"]

@@ -53,17 +53,9 @@ from timm.layers import DropPath, LayerScale2d
 from zoo.errors import ConfigError
 from zoo.hub import WeightEntry
 from zoo.models.efficientformer import DistilledClassifier, merge_heads
-from zoo.models.layers import (
-    ChannelAffine,
-    add_,
-    ConvNorm,
-    bias_index,
-    densify_bias,
-    fold_scale_into_out_channels,
-    fuse_modules,
-    resize_bias_tables,
-    use_deploy_kernels,
-)
+from zoo.models.cpu_kernels import add_, use_deploy_kernels
+from zoo.models.layers import ChannelAffine, ConvNorm, bias_index, densify_bias, resize_bias_tables
+from zoo.nn import fold_scale_into_out_channels, fuse_modules
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Metric, ModelCard, Paper, register_model
 
 __all__ = ["EfficientFormerV2", "convert_official", "convert_timm"]
@@ -164,8 +156,8 @@ class MatmulUpsample(nn.Module):
 
     Bilinear resampling is separable; ``U`` is built by resampling the identity with PyTorch's
     own linear interpolation, so the weights are exactly PyTorch's. Used by the deploy form:
-    on the CPU ``upsample_bilinear2d`` copies its input through a slow layout change (about
-    1 ms for ``[1, 1024, 7, 7]`` on 2 cores), the products take a few microseconds.
+    on the CPU ``upsample_bilinear2d`` copies its input through a slow layout change, which
+    two small products avoid.
     """
 
     def __init__(self, resolution: int, scale_factor: int):

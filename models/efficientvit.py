@@ -56,21 +56,10 @@ from timm.layers.activations import Sigmoid as TimmSigmoid
 
 from zoo.errors import ConfigError
 from zoo.hub import WeightEntry
-from zoo.models.layers import (
-    ConvNorm,
-    DeployConv2d,
-    NormLinear,
-    Residual,
-    bias_index,
-    can_write_inplace,
-    densify_bias,
-    eager_cpu_inference,
-    fuse_modules,
-    nchw_fallback,
-    resize_bias_tables,
-    use_deploy_kernels,
-)
+from zoo.models.cpu_kernels import DeployConv2d, can_write_inplace, eager_cpu_inference, nchw_fallback, use_deploy_kernels
+from zoo.models.layers import ConvNorm, NormLinear, Residual, bias_index, densify_bias, resize_bias_tables
 from zoo.models.nhwc import hooked, nhwc_applies, run_nhwc
+from zoo.nn import fuse_modules
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Metric, ModelCard, Paper, register_model
 
 __all__ = ["EfficientVit", "convert_official", "convert_timm"]
@@ -91,7 +80,7 @@ class ConvMlp(nn.Module):
     def forward_nhwc(self, t: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         """``forward(t) + add`` on NHWC tensors (`zoo.models.nhwc`): the ReLU fused into the
         first product, the sum (a residual) into the second."""
-        mods = self._modules  # direct registry reads: nn.Module.__getattr__ costs ~0.5 us a call
+        mods = self._modules  # direct registry reads: nn.Module.__getattr__ is slow in a hot path
         pw1, act, pw2 = mods["pw1"], mods["act"], mods["pw2"]
         if not (isinstance(pw1, DeployConv2d) and isinstance(pw2, DeployConv2d)):
             return nchw_fallback(self, t, add=add)
@@ -193,7 +182,7 @@ class CascadedGroupAttention(nn.Module):
         autograd through their weights, or a window over `DeployConv2d.dense_max_tokens`."""
         w_, n, c = xw.shape
         r, kd, vd = self.resolution, self.key_dim, self.val_dim
-        mods = self._modules  # direct registry reads: nn.Module.__getattr__ costs ~0.5 us a call
+        mods = self._modules  # direct registry reads: nn.Module.__getattr__ is slow in a hot path
         proj_seq = mods["proj"]
         if not (self.deployed and n == r * r and len(proj_seq) == 2):
             return None

@@ -8,8 +8,7 @@ instead: every 1x1 conv is one product of the ``[B*H*W, C]`` token rows, every o
 reads and writes NHWC through oneDNN, so no layer changes the layout; ReLUs and residual
 sums are fused into the conv or product that produces their input, and composite modules
 (a family's blocks) run their children by direct method calls instead of ``__call__``.
-Measured on EfficientViT-M5 at batch 1 (2 cores, same process): 10.9 ms per image through the
-modules' own deploy forwards, 9.6 ms here (timm: 18.1 ms), the same outputs to float rounding.
+The outputs are the module path's to float rounding.
 
 The protocol: a module that has a fused channels-last form defines
 ``forward_nhwc(t, add=None) -> f(t) + add`` (``t`` and the result contiguous NHWC);
@@ -27,7 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.models.layers import _ONEDNN, DeployConv2d, Residual, can_write_inplace, nchw_fallback
+from zoo.models.cpu_kernels import DeployConv2d, can_write_inplace, cpu_kernels_enabled, nchw_fallback, onednn_enabled
+from zoo.models.layers import Residual
 
 __all__ = ["nhwc_applies", "hooked", "run_nhwc"]
 
@@ -37,12 +37,13 @@ def nhwc_applies(x: torch.Tensor) -> bool:
     CPU tensor, oneDNN available, eager mode (no tracing, scripting, compiling or exporting),
     no autograd through `x`, and no global module hooks (which every module call must fire)."""
     return (
-        _ONEDNN
-        and x.dim() == 4
+        x.dim() == 4
         and x.dtype == torch.float32
         and x.is_cpu
         and can_write_inplace(x)  # eager, and no autograd history through x
         and not _global_hooks()
+        and cpu_kernels_enabled()
+        and onednn_enabled()
     )
 
 
@@ -68,7 +69,7 @@ def run_nhwc(module: nn.Module, t: torch.Tensor, add: torch.Tensor | None = None
     if fused is not None:
         return fused(module, t, add=add)
     if isinstance(module, Residual):
-        mods = module._modules  # direct registry reads: nn.Module.__getattr__ costs ~0.5 us a call
+        mods = module._modules  # direct registry reads: nn.Module.__getattr__ is slow in a hot path
         if hooked(mods["drop_path"]):
             return nchw_fallback(module, t, add=add)
         # Inference: stochastic depth is the identity, so the branch's sum is fused into it.

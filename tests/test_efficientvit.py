@@ -161,7 +161,7 @@ def test_channels_last_inference_path_is_taken_and_equals_the_module_path(img_si
     """Eager CPU inference of the deploy form runs `zoo.models.nhwc` (at 256 the 16x16 grid pads
     its 7x7 windows); it must give the module path's outputs and never fall back."""
     import zoo.models.efficientvit as ev
-    import zoo.models.layers as layers
+    import zoo.models.cpu_kernels as kernels
     import zoo.models.nhwc as nhwc
     from zoo.models.efficientvit import CascadedGroupAttention
 
@@ -174,7 +174,7 @@ def test_channels_last_inference_path_is_taken_and_equals_the_module_path(img_si
     real_windows, real_fallback = CascadedGroupAttention.forward_windows, nhwc.nchw_fallback
     monkeypatch.setattr(CascadedGroupAttention, "forward_windows",
                         lambda self, t, add=None: windows.append(t.shape[0]) or real_windows(self, t, add))
-    for module in (nhwc, ev, layers):
+    for module in (nhwc, ev, kernels):
         monkeypatch.setattr(module, "nchw_fallback", lambda *a, **k: fallbacks.append(a[0]) or real_fallback(*a, **k))
     with torch.inference_mode():
         fast = deployed(x)

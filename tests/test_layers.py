@@ -7,20 +7,12 @@ import io
 import pytest
 import torch
 
-import zoo.models.layers as layers
-from zoo.models.layers import (
-    ChannelAffine,
-    DeployConv2d,
-    DeployGELU,
-    DeployLinear,
-    add_,
-    bias_index,
-    kernel_cache,
-    resize_bias_tables,
-)
+import zoo.models.cpu_kernels as kernels
+from zoo.models.cpu_kernels import DeployConv2d, DeployGELU, DeployLinear, add_, kernel_cache
+from zoo.models.layers import ChannelAffine, bias_index, resize_bias_tables
 from zoo.testing import rel_err
 
-needs_onednn = pytest.mark.skipif(not layers._ONEDNN, reason="this PyTorch build has no oneDNN fused ops")
+needs_onednn = pytest.mark.skipif(not kernels.onednn_enabled(), reason="this PyTorch build has no oneDNN fused ops")
 
 
 def _deploy_copy(layer: torch.nn.Module, cls: type) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -68,21 +60,17 @@ def test_deploy_conv_takes_the_onednn_paths_and_falls_back_outside_float32_infer
     dense = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
     pointwise = torch.nn.Conv2d(96, 128, 1)
     calls = []
-    real = torch.ops.mkldnn._linear_pointwise
+    real = kernels._Switch.linear
 
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(torch.ops.mkldnn, name)
-
-        def _linear_pointwise(self, *args):
-            calls.append("matmul")
-            return real(*args)
+    def spy(*args):
+        calls.append("matmul")
+        return real(*args)
 
     for conv, x in ((dense, torch.randn(1, 8, 16, 16)), (pointwise, torch.randn(1, 96, 14, 14))):
         ref, fast = _deploy_copy(conv, DeployConv2d)
         with torch.inference_mode():
             if conv is pointwise:
-                monkeypatch.setattr(torch.ops, "mkldnn", Spy())
+                monkeypatch.setattr(kernels._Switch, "linear", spy)
             assert rel_err(fast(x), ref(x)) < 1e-5
             monkeypatch.undo()
         if conv is dense:
@@ -251,7 +239,8 @@ def test_deploy_conv_nhwc_falls_back_to_its_forward_for_hooks_dtypes_and_autogra
 
 @needs_onednn
 def test_run_nhwc_fuses_sequences_and_residuals_and_falls_back_for_the_rest():
-    from zoo.models.layers import Residual, use_deploy_kernels
+    from zoo.models.cpu_kernels import use_deploy_kernels
+    from zoo.models.layers import Residual
     from zoo.models.nhwc import nhwc_applies, run_nhwc
 
     torch.manual_seed(0)
