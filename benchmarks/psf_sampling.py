@@ -30,7 +30,7 @@ import torch
 import zoo
 from zoo.metrics import compute_all_metrics
 from zoo.tables import format_table
-from zoo.train.pointcloud_data import procedural_references
+from zoo.data.pointclouds import procedural_references
 
 
 def main() -> None:

@@ -74,9 +74,9 @@ def test_demo_render_writes_the_shells_picture(tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    from zoo.cli import _demo_render
+    from zoo.cli.demo import demo_render
 
-    _demo_render(tmp_path)
+    demo_render(tmp_path)
     img = np.asarray(Image.open(tmp_path / "render_shells.png")).astype(int)
     assert img.shape == (384, 384, 3)
     assert (img[0, 0] == 255).all()  # background corner

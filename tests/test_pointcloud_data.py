@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from zoo.errors import DataError
-from zoo.train.pointcloud_data import PROCEDURAL_CLASSES, SYNSET_IDS, ProceduralShapes, ShapeNetPC15k
+from zoo.data.pointclouds import PROCEDURAL_CLASSES, SYNSET_IDS, ProceduralShapes, ShapeNetPC15k
 
 
 def fake_pc15k(root, shapes_per_cat=3):

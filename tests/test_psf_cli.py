@@ -11,7 +11,7 @@ from PIL import Image
 import zoo
 from zoo.cli import main
 from zoo.models.psf import PVCNN2, psf_config
-from zoo.pointclouds import ply_bytes, render_grid
+from zoo.data.pointcloud_io import ply_bytes, render_grid
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +96,14 @@ def test_ply_and_grid_helpers():
 
 def test_shipped_psf_tiny_weights_generate_shapes_not_noise(tmp_path, capsys):
     """The demo path: psf_tiny's packaged weights load offline and make data-like clouds in one step."""
-    from zoo.cli import _demo_psf
+    from zoo.cli.demo import demo_psf
     from zoo.metrics import chamfer_distance
-    from zoo.train.pointcloud_data import procedural_references
+    from zoo.data.pointclouds import procedural_references
 
     card = zoo.model_card("psf_tiny")
     if card.default_tag is None:
         pytest.skip("no shipped psf_tiny weights in this checkout")
-    _demo_psf(tmp_path)
+    demo_psf(tmp_path)
     clouds = torch.from_numpy(np.load(tmp_path / "psf_samples" / "samples.npy"))
     assert clouds.shape == (16, 512, 3) and (tmp_path / "psf_samples" / "samples.png").is_file()
     refs = procedural_references(16, 512, seed=99)

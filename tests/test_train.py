@@ -12,8 +12,8 @@ import torch
 
 import zoo
 from zoo.cli import main
-from zoo.train import parse_train_args, run_train
-from zoo.train.synthetic import make_pattern_folder
+from zoo.cli.train import parse_train_args, run_train
+from zoo.data.patterns import make_pattern_folder
 
 # Small enough for CPU, strong enough to learn stripes from scratch in a few epochs.
 BASE = ["--model", "efficientvit_m0", "--img-size", "32", "-b", "8", "--lr", "3e-3", "--workers", "0",
@@ -66,7 +66,7 @@ def test_checkpoint_loads_through_create_model_and_timm(trained):
 def test_validate_reproduces_the_logged_metric_before_and_after_reparam(trained, data, capsys):
     rows = list(csv.DictReader((trained / "summary.csv").open()))
     best = max(float(r["eval_top1"]) for r in rows)
-    from zoo.train.cli import run_validate
+    from zoo.cli.train import run_validate
     import argparse
 
     args = argparse.Namespace(model="efficientvit_m0", checkpoint=str(trained / "model_best.pth.tar"),

@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.errors import ConfigError, WeightsError
-from zoo.train.data import ImageFolder
+from zoo.metrics.classification import classification_sums, summarize
+from zoo.data.images import ImageFolder
 from zoo.train.engine import Dist, epoch_loader
 
 __all__ = ["ClassificationConfig", "ClassificationTask", "build_classifier"]
@@ -241,13 +242,8 @@ def evaluate_classifier(model: nn.Module, dataset, batch_size: int, workers: int
     sums = torch.zeros(4, dtype=torch.float64)  # correct@1, correct@k, loss sum, count
     for x, y, _ in loader:
         x, y = x.to(env.device), y.to(env.device)
-        logits = model(x).float()
-        k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        sums += torch.tensor([(top[:, 0] == y).sum().item(), (top == y[:, None]).any(1).sum().item(),
-                              F.cross_entropy(logits, y, reduction="sum").item(), y.numel()], dtype=torch.float64)
+        sums += classification_sums(model(x), y)
     if env.distributed:
         dist.all_reduce(sums)
     model.train(was_training)
-    n = max(sums[3].item(), 1.0)
-    return {"top1": 100 * sums[0].item() / n, "top5": 100 * sums[1].item() / n, "loss": sums[2].item() / n}
+    return summarize(sums)

@@ -24,7 +24,7 @@ from zoo.io import atomic_write
 from zoo.models.psf.flow import distill_loss, flow_loss, sample_euler
 from zoo.models.psf.pvcnn import PVCNN2, PVCNN2Config
 from zoo.train.engine import Dist, Engine, TrainConfig, epoch_loader, setup_distributed
-from zoo.train.pointcloud_data import ProceduralShapes, ShapeNetPC15k
+from zoo.data.pointclouds import ProceduralShapes, ShapeNetPC15k
 
 __all__ = ["PSFConfig", "PSFTask", "PairsDataset", "make_pairs", "run_pipeline", "load_velocity"]
 

@@ -140,7 +140,7 @@ def run_validate(args: argparse.Namespace) -> dict:
     from zoo.hub import read_state_dict
     from zoo.registry import model_card
     from zoo.train.classification import build_classifier, check_checkpoint_arch, evaluate_classifier
-    from zoo.train.data import ImageFolder
+    from zoo.data.images import ImageFolder
     from zoo.train.engine import Dist
 
     card = model_card(args.model)
@@ -169,3 +169,27 @@ def run_validate(args: argparse.Namespace) -> dict:
         if abs(deployed["top1"] - result["top1"]) > 100 / max(len(data), 1) + 1e-9:
             print("warning: the deploy form's top-1 differs by more than one image", file=sys.stderr)
     return result
+
+
+def _cmd_train(args) -> int:
+    p = argparse.ArgumentParser(prog="zoo train")
+    add_train_arguments(p)
+    run_train(_apply_config(p, args.rest))
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    run_validate(args)
+    return 0
+
+
+def register(sub) -> None:
+    # `zoo train` re-parses its arguments itself, so a YAML --config can supply defaults.
+    s = sub.add_parser("train", help="fine-tune a model with timm's train.py flags (also under torchrun)",
+                       add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("validate", help="top-1/top-5 of a checkpoint on an image folder")
+    add_validate_arguments(s)
+    s.set_defaults(func=_cmd_validate)
