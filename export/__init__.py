@@ -7,6 +7,10 @@
 Export code never special-cases a model by name: a model that needs help provides it
 (a ``reparameterize()`` method, an ``export_wrapper()``; see `zoo.export.target`).
 """
+if __name__ != "zoo.export":  # the folder is importable from the repo root; one copy only
+    raise ImportError(f"{__name__!r} is zoo's export/ folder imported under its bare name, which would make a "
+                      "second copy of every module in it; import zoo.export instead.")
+
 from zoo.export.coreml_export import to_coreml
 from zoo.export.onnx_export import opset_range, to_onnx
 from zoo.export.reparam import reparameterize

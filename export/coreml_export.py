@@ -221,16 +221,16 @@ def _drop_aliases(program):
 
 
 def _set_metadata(ml, target: ExportTarget, precision: str, image_input: bool) -> None:
-    import zoo
+    from zoo._version import __version__
 
-    meta = {"zoo.model": target.name, "zoo.version": zoo.__version__, "zoo.precision": precision,
+    meta = {"zoo.model": target.name, "zoo.version": __version__, "zoo.precision": precision,
             "zoo.input_shape": "x".join(map(str, target.inputs[0].shape)),
             "zoo.reparameterized": str(target.reparameterized).lower()}
     if target.mean is not None:
         meta["zoo.mean"] = ",".join(f"{v:g}" for v in target.mean)
         meta["zoo.std"] = ",".join(f"{v:g}" for v in target.std)
     meta.update({f"zoo.{k}": str(v) for k, v in target.metadata.items() if v is not None})
-    description = f"{target.name} exported by zoo {zoo.__version__}"
+    description = f"{target.name} exported by zoo {__version__}"
     try:
         from zoo.registry import model_card
 
@@ -240,9 +240,9 @@ def _set_metadata(ml, target: ExportTarget, precision: str, image_input: bool) -
     if card is not None:
         ml.license = card.license
         meta.update({"zoo.paper": card.paper.title, "zoo.arxiv": card.paper.url, "zoo.code": card.paper.code})
-        description = f"{target.name}: {card.paper.title} ({card.paper.url}). Exported by zoo {zoo.__version__}."
+        description = f"{target.name}: {card.paper.title} ({card.paper.url}). Exported by zoo {__version__}."
     ml.author = "zoo"
-    ml.version = zoo.__version__
+    ml.version = __version__
     ml.short_description = description
     if image_input:
         ml.input_description[target.input_names[0]] = (

@@ -3,8 +3,9 @@
 Export code never special-cases a model. An image model (anything with a ``pretrained_cfg``
 or a registry card of kind ``image``) is traced as ``module(image)`` with an ``image``
 input ``[B, C, H, W]`` and a ``logits`` output. Any other model provides
-``export_wrapper(input_shape=None) -> ExportTarget | (module, example_inputs)``: e.g. a point
-cloud generator returns its one-step sampler and a noise tensor.
+``export_wrapper(input_shape=None)`` returning an `ExportTarget`, a dict of its fields (so the
+model needs nothing from this package), or ``(module, example_inputs)``: e.g. a point cloud
+generator returns its one-step sampler and a noise tensor.
 """
 from __future__ import annotations
 
@@ -131,7 +132,9 @@ def prepare_target(
     wrapper = getattr(module, "export_wrapper", None)
     if callable(wrapper):
         target = wrapper(input_shape=shape)
-        if not isinstance(target, ExportTarget):
+        if isinstance(target, dict):
+            target = ExportTarget(**{"name": "", **target})
+        elif not isinstance(target, ExportTarget):
             sub, inputs = target
             target = ExportTarget(module=sub, inputs=tuple(inputs), name=name)
         target.name = target.name or name

@@ -2,6 +2,10 @@
 
 Installed as ``zoo.models``. Shared building blocks live in `zoo.models.layers`.
 """
+if __name__ != "zoo.models":  # the folder is importable from the repo root; one copy only
+    raise ImportError(f"{__name__!r} is zoo's models/ folder imported under its bare name, which would make a "
+                      "second copy of every module in it; import zoo.models instead.")
+
 from zoo.models import efficientformer  # noqa: F401  (registers efficientformer_l1/l3/l7)
 from zoo.models import efficientformer_v2  # noqa: F401  (registers efficientformerv2_s0/s1/s2/l)
 from zoo.models import efficientvit  # noqa: F401  (registers efficientvit_m0..m5)

@@ -29,6 +29,10 @@ CUDA tensors when it imports, torch otherwise. The torch backend is differentiab
 vertex positions (through the barycentrics, their pixel derivatives, ``z/w`` and, in
 :func:`antialias`, silhouette edges), attributes and textures.
 """
+if __name__ != "zoo.render":  # the folder is importable from the repo root; one copy only
+    raise ImportError(f"{__name__!r} is zoo's render/ folder imported under its bare name, which would make a "
+                      "second copy of every module in it; import zoo.render instead.")
+
 from .camera import look_at, orthographic, perspective, transform, world_to_clip
 from .layers import DepthPeeler, composite, depth_peel
 from .meshes import capsule, quad

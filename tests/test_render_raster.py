@@ -256,11 +256,17 @@ def test_far_plane_and_frustum_culling():
 
 
 def test_large_triangles_are_chunked(monkeypatch):
-    import render.torch_raster as tr
+    import zoo.render.torch_raster as tr
     verts, tri = grid_mesh(3)
+    calls = []
+    real = tr._cover_snapped
+    monkeypatch.setattr(tr, "_cover_snapped", lambda *a: calls.append(a[1].shape[0]) or real(*a))
     full, _ = R.rasterize(verts[None], tri, (64, 64), backend="torch")
+    whole = len(calls)
     monkeypatch.setattr(tr, "_CHUNK_POINTS", 64)
     chunked, _ = R.rasterize(verts[None], tri, (64, 64), backend="torch")
+    # the small budget splits the groups into more, smaller calls, with the same image
+    assert len(calls) - whole > whole and max(calls[whole:]) < max(calls[:whole])
     assert torch.equal(full, chunked)
 
 

@@ -5,7 +5,7 @@
     >>> model = zoo.create_model("efficientvit_m0", pretrained=False)
     >>> zoo.model_card("efficientvit_m0").paper.arxiv
 """
-__version__ = "0.1.0"
+from zoo._version import __version__  # noqa: E402
 
 from zoo.flops import complexity  # noqa: E402
 from zoo.errors import (  # noqa: E402
@@ -16,7 +16,14 @@ from zoo.errors import (  # noqa: E402
     WeightsError,
     ZooError,
 )
-from zoo.registry import create_model, list_families, list_models, model_card  # noqa: E402
+from zoo.registry import create_model, list_families, list_models, model_card, set_loader  # noqa: E402
+
+
+def _load_families() -> None:
+    import zoo.models  # noqa: F401  (each family registers its cards on import)
+
+
+set_loader(_load_families)
 
 __all__ = [
     "__version__",

@@ -41,7 +41,7 @@ def count_macs(model: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> int:
 
 
 def _key(name: str) -> str:
-    from zoo import __version__
+    from zoo._version import __version__
     from zoo.registry import model_card
 
     card = model_card(name)

@@ -1,7 +1,9 @@
 """The model registry: every model zoo can build, described by a `ModelCard`.
 
-Families register their variants when `zoo.models` is imported (done lazily here, so
-``import zoo`` stays cheap). A card says what the model is (family, task, paper), how to
+Families register their variants when `zoo.models` is imported. This module never imports a
+family: the face (`zoo/__init__.py`) installs `set_loader`'s hook, which imports `zoo.models`
+the first time a card is looked up, so ``import zoo`` stays cheap (timm's registry is filled
+the same way, by importing its model package). A card says what the model is (family, task, paper), how to
 build it (a builder and its architecture config), what it takes (an `InputSpec`), what the
 paper reports (`Metric`s with their source), and which weights exist (`WeightEntry`s with
 the key-layout converters the family owns). Params and MACs are not typed into cards: they
@@ -30,6 +32,7 @@ __all__ = [
     "model_card",
     "create_model",
     "list_families",
+    "set_loader",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -113,8 +116,10 @@ class ModelCard:
         params = inspect.signature(self.builder).parameters.values()
         return [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
-    def to_dict(self, complexity: bool = True) -> dict:
-        d = {
+    def to_dict(self) -> dict:
+        """The card as plain data (JSON-ready). Builds nothing: `zoo.complexity` gives params
+        and MACs."""
+        return {
             "name": self.name,
             "family": self.family,
             "task": self.task,
@@ -127,15 +132,18 @@ class ModelCard:
             "license": self.license,
             "description": self.description,
         }
-        if complexity:
-            from zoo.flops import complexity as _complexity
-
-            d["complexity"] = _complexity(self.name)
-        return d
 
 
 _REGISTRY: dict[str, ModelCard] = {}
+_loader: Callable[[], None] | None = None
 _loaded = False
+
+
+def set_loader(loader: Callable[[], None]) -> None:
+    """Install the hook that registers the families (``import zoo.models``); called once by the
+    face, so the registry itself imports no family."""
+    global _loader
+    _loader = loader
 
 
 def register_model(card: ModelCard) -> ModelCard:
@@ -153,10 +161,13 @@ def register_model(card: ModelCard) -> ModelCard:
 
 def _ensure_loaded() -> None:
     global _loaded
-    if not _loaded:
-        import zoo.models  # noqa: F401  (registers every family)
-
-        _loaded = True
+    if not _loaded and _loader is not None:
+        _loaded = True  # set first: the families' own imports look cards up while registering
+        try:
+            _loader()
+        except BaseException:
+            _loaded = False
+            raise
 
 
 def list_models(pattern: str = "*", task: str | None = None, family: str | None = None) -> list[str]:
@@ -205,10 +216,17 @@ def create_model(name: str, pretrained: bool | str | Path = False, **overrides) 
     if bad:
         raise ConfigError(f"{name} does not take {', '.join(map(repr, bad))}; valid overrides are: {', '.join(valid)}.")
     config = {**card.config, **overrides}
-    try:
+    if overrides:
+        # an override of the wrong type or value surfaces deep in the builder; without
+        # overrides the card's own config is known to build, so any failure is a bug
+        try:
+            model = card.builder(**config)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AssertionError) as e:
+            raise ConfigError(f"cannot build {name} with {overrides}: {e}") from e
+    else:
         model = card.builder(**config)
-    except (TypeError, ValueError, AssertionError) as e:
-        raise ConfigError(f"cannot build {name} with {overrides}: {e}") from None
     cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
     cfg.update(architecture=name, tag=None)
     if card.input.kind == "image":

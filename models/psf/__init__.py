@@ -13,12 +13,12 @@ import torch
 from zoo.hub import WeightEntry
 from zoo.registry import InputSpec, ModelCard, Paper, register_model
 
-from .flow import OneStepGenerator, distill_loss, flow_loss, sample_euler, sample_rk45
+from .flow import OneStepGenerator, flow_loss, sample_euler, sample_rk45
 from .model import PSF
 from .pvcnn import PVCNN2, PVCNN2Config, PVD_FP_BLOCKS, PVD_SA_BLOCKS
 
 __all__ = ["PSF", "PVCNN2", "PVCNN2Config", "build_psf", "psf_config", "TINY_SA_BLOCKS", "TINY_FP_BLOCKS",
-           "OneStepGenerator", "flow_loss", "distill_loss", "sample_euler", "sample_rk45"]
+           "OneStepGenerator", "flow_loss", "sample_euler", "sample_rk45"]
 
 PAPER = Paper("Fast Point Cloud Generation with Straight Flows", "2212.01747", "https://github.com/klightz/PSF")
 

@@ -6,8 +6,8 @@ velocity ``x1 - x0``. Sampling integrates ``dx/dt = v(x, t)`` from ``t = 0`` to 
 
 - :func:`flow_loss`: stage 1 (flow) with fresh noise, stage 2 (reflow) with the stored
   noise of each (noise, sample) pair.
-- :func:`distill_loss`: stage 3, one step ``x1_hat = x0 + v(x0, 0)`` against the teacher's
-  multi-step result for the same noise, by Chamfer distance (default) or EMD.
+- stage 3's loss (one step ``x1_hat = x0 + v(x0, 0)`` against the teacher's multi-step
+  result for the same noise) is `zoo.train.psf.distill_loss`: it needs the point cloud metrics.
 - :func:`sample_euler` (any number of steps) and :func:`sample_rk45` (adaptive, scipy's
   ``solve_ivp``, as the rectified-flow code PSF builds on).
 """
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-__all__ = ["flow_loss", "distill_loss", "sample_euler", "sample_rk45", "OneStepGenerator"]
+__all__ = ["flow_loss", "sample_euler", "sample_rk45", "OneStepGenerator"]
 
 
 def flow_loss(model: nn.Module, x1: torch.Tensor, x0: torch.Tensor | None = None,
@@ -34,18 +34,6 @@ def flow_loss(model: nn.Module, x1: torch.Tensor, x0: torch.Tensor | None = None
     tb = t.view(-1, 1, 1)
     xt = tb * x1 + (1 - tb) * x0
     return (model(xt, t) - (x1 - x0)).pow(2).mean((1, 2))
-
-
-def distill_loss(model: nn.Module, x0: torch.Tensor, target: torch.Tensor, metric: str = "cd") -> torch.Tensor:
-    """Per-cloud ``[B]`` distance between the one-step result ``x0 + v(x0, 0)`` and ``target``.
-
-    ``metric``: ``cd`` (Chamfer, squared L2, PSF's choice) or ``emd`` (Sinkhorn EMD on squared
-    distances; differentiable through the matched costs).
-    """
-    from zoo.metrics.pointcloud import chamfer_distance, emd  # noqa: PLC0415
-
-    pred = x0 + model(x0, torch.zeros(x0.shape[0], device=x0.device, dtype=x0.dtype))
-    return chamfer_distance(pred, target) if metric == "cd" else emd(pred, target, squared=True)
 
 
 @torch.no_grad()

@@ -60,7 +60,8 @@ class PSF(nn.Module):
         raise ValueError(f"method must be 'euler' or 'rk45', not {method!r}")
 
     def export_wrapper(self, input_shape=None):
-        """The one-step generator as an `ExportTarget` with a noise example ``[B,N,3]``.
+        """The one-step generator with a noise example ``[B,N,3]``, as the fields of a
+        `zoo.export.ExportTarget` (a dict, so the model needs nothing from `zoo.export`).
 
         It names the TorchScript ONNX exporter: the dynamo exporter traces the model (about
         20 s for psf_tiny) and translates it, but its graph optimizer does not finish on the
@@ -68,7 +69,6 @@ class PSF(nn.Module):
         ``input_shape``: ``(N, 3)`` or ``(B, N, 3)``; default ``(1, num_points, 3)``.
         """
         from zoo.errors import ConfigError
-        from zoo.export.target import ExportTarget
 
         shape = tuple(input_shape) if input_shape is not None else (self.num_points, 3)
         shape = (1, *shape) if len(shape) == 2 else shape
@@ -76,6 +76,6 @@ class PSF(nn.Module):
             raise ConfigError(f"PSF generates from noise of shape (N, 3) or (B, N, 3), not {tuple(input_shape)}.")
         g = torch.Generator().manual_seed(0)
         module = OneStepGenerator(self.velocity, self.data_mean.clone(), self.data_std.clone())
-        return ExportTarget(module=module, inputs=(torch.randn(shape, generator=g),), name="",
-                            input_names=["noise"], output_names=["points"], onnx_exporter="torchscript",
-                            metadata={"num_points": self.num_points, "sampler": "one Euler step"})
+        return dict(module=module, inputs=(torch.randn(shape, generator=g),), input_names=["noise"],
+                    output_names=["points"], onnx_exporter="torchscript",
+                    metadata={"num_points": self.num_points, "sampler": "one Euler step"})

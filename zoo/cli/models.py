@@ -5,6 +5,14 @@ import json
 import sys
 
 
+def _card_with_complexity(name: str) -> dict:
+    """The card as data, with params and MACs (computed once, then cached)."""
+    from zoo.flops import complexity
+    from zoo.registry import model_card
+
+    return {**model_card(name).to_dict(), "complexity": complexity(name)}
+
+
 def _cmd_list(args) -> int:
     from zoo.registry import list_models
     from zoo.tables import MODEL_HEADERS, format_table, model_rows
@@ -13,7 +21,7 @@ def _cmd_list(args) -> int:
     if args.format == "json":
         from zoo.registry import model_card
 
-        print(json.dumps([model_card(n).to_dict() for n in names], indent=2))
+        print(json.dumps([_card_with_complexity(n) for n in names], indent=2))
     elif args.format == "names":
         print("\n".join(names))
     else:
@@ -24,7 +32,7 @@ def _cmd_list(args) -> int:
 def _cmd_info(args) -> int:
     from zoo.registry import model_card
 
-    print(json.dumps(model_card(args.name).to_dict(), indent=2))
+    print(json.dumps(_card_with_complexity(args.name), indent=2))
     return 0
 
 

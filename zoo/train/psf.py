@@ -21,14 +21,25 @@ from torch.utils.data import Dataset
 
 from zoo.errors import ConfigError, DataError
 from zoo.io import atomic_write
-from zoo.models.psf.flow import distill_loss, flow_loss, sample_euler
+from zoo.metrics.pointcloud import chamfer_distance, emd
+from zoo.models.psf.flow import flow_loss, sample_euler
 from zoo.models.psf.pvcnn import PVCNN2, PVCNN2Config
 from zoo.train.engine import Dist, Engine, TrainConfig, epoch_loader, setup_distributed
 from zoo.data.pointclouds import ProceduralShapes, ShapeNetPC15k
 
-__all__ = ["PSFConfig", "PSFTask", "PairsDataset", "make_pairs", "run_pipeline", "load_velocity"]
+__all__ = ["distill_loss", "PSFConfig", "PSFTask", "PairsDataset", "make_pairs", "run_pipeline", "load_velocity"]
 
 STAGES = ("flow", "reflow", "distill")
+
+
+def distill_loss(model: nn.Module, x0: torch.Tensor, target: torch.Tensor, metric: str = "cd") -> torch.Tensor:
+    """Per-cloud ``[B]`` distance between the one-step result ``x0 + v(x0, 0)`` and ``target``.
+
+    ``metric``: ``cd`` (Chamfer, squared L2, PSF's choice) or ``emd`` (Sinkhorn EMD on squared
+    distances; differentiable through the matched costs).
+    """
+    pred = x0 + model(x0, torch.zeros(x0.shape[0], device=x0.device, dtype=x0.dtype))
+    return chamfer_distance(pred, target) if metric == "cd" else emd(pred, target, squared=True)
 
 
 @dataclass
