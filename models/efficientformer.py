@@ -48,13 +48,16 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, LayerScale, LayerScale2d, Mlp, trunc_normal_
 
 from zoo.errors import ConfigError
-from zoo.hub import WeightEntry
-from zoo.models.cpu_kernels import add_, can_write_inplace, mul_add, use_deploy_kernels
-from zoo.models.layers import bias_index, densify_bias, resize_bias_tables
-from zoo.nn import fold_scale_into_out_channels, fuse_conv_bn, fuse_modules
+from zoo.hub import WeightEntry, timm_hub_entry
+from zoo.models.cpu_kernels import add_, can_write_inplace, mul_add
+from zoo.models.image_model import ImageModel, image_cfg
+from zoo.models.layers import bias_index, densify_bias, timm_converter
+from zoo.nn import fold_scale_into_out_channels, fuse_conv_bn
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Metric, ModelCard, Paper, register_model
 
 __all__ = ["DistilledClassifier", "EfficientFormer", "convert_official", "convert_timm", "merge_heads"]
+
+INPUT = InputSpec("image", (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, 0.95, "bicubic")
 
 
 def conv_grid(size: int, halvings: int) -> int:
@@ -299,22 +302,17 @@ class EfficientFormerStage(nn.Module):
                 if num_vit and num_vit == remaining:
                     blocks.append(Flat())
         self.blocks = nn.Sequential(*blocks)
-        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            from timm.models import checkpoint_seq
-
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        return self.blocks(self.downsample(x))
 
 
-class DistilledClassifier:
-    """The timm-compatible interface both EfficientFormer generations share (a mixin).
+class DistilledClassifier(ImageModel):
+    """The classifier interface both EfficientFormer generations share (a mixin over
+    `ImageModel`).
 
-    Expects ``stem``, ``stages`` (each with ``grad_checkpointing``), ``num_features``,
-    ``head_drop``, ``distillation``, ``distilled_training``, ``deployed`` and ``pretrained_cfg``.
+    Expects ``stem``, ``stages``, ``num_features``, ``head_drop``, ``distillation``,
+    ``distilled_training``, ``deployed`` and ``pretrained_cfg``.
     Heads: ``head`` and, with distillation, ``head_dist``; their logits are averaged at
     inference and returned as a pair in distillation training.
     """
@@ -338,11 +336,6 @@ class DistilledClassifier:
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^stem", blocks=[(r"^stages\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for s in self.stages:
-            s.grad_checkpointing = enable
 
     @torch.jit.ignore
     def set_distilled_training(self, enable: bool = True) -> None:
@@ -379,6 +372,15 @@ class DistilledClassifier:
 
     def forward(self, x: torch.Tensor):
         return self.forward_head(self.forward_features(x))
+
+    size_hint = " (its attention grids are fixed)"
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input_size(x)
+        return self.norm(self.forward_stages(self.stem(x)))
+
+    def _fold_for_deploy(self) -> None:
+        merge_heads(self)
 
 
 class EfficientFormer(DistilledClassifier, nn.Module):
@@ -431,11 +433,13 @@ class EfficientFormer(DistilledClassifier, nn.Module):
             if not downsamples[i] and embed_dims[i] != (embed_dims[i - 1] if i else embed_dims[0]):
                 raise ConfigError(f"stage {i} changes width without downsampling; set downsamples[{i}]=True.")
         self.img_size = img_size
+        self.fixed_input_size = num_vit > 0  # only the attention blocks fix the grid
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.num_vit = num_vit
         self.drop_rate = drop_rate
         self.distilled_training = False
+        self.grad_checkpointing = False
         self.deployed = False
 
         self.stem = Stem4(in_chans, embed_dims[0])
@@ -461,17 +465,10 @@ class EfficientFormer(DistilledClassifier, nn.Module):
         self.distillation = distillation
         self._make_heads(num_classes)
         self.apply(self._init_weights)
-        self.pretrained_cfg = {
-            "input_size": (in_chans, img_size, img_size),
-            "mean": IMAGENET_MEAN,
-            "std": IMAGENET_STD,
-            "crop_pct": 0.95,
-            "interpolation": "bicubic",
-            "num_classes": num_classes,
-            "first_conv": "stem.conv1",
-            "classifier": ("head", "head_dist") if distillation else "head",
-            "fixed_input_size": True,
-        }
+        self.pretrained_cfg = image_cfg(
+            INPUT, in_chans, img_size, num_classes, first_conv="stem.conv1",
+            classifier=("head", "head_dist") if distillation else "head", fixed_input_size=self.fixed_input_size,
+        )
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -480,27 +477,6 @@ class EfficientFormer(DistilledClassifier, nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.img_size, self.img_size) and self.num_vit:
-            raise ConfigError(
-                f"this EfficientFormer was built for {self.img_size}x{self.img_size} inputs (its attention "
-                f"grid is fixed), got {tuple(x.shape[-2:])}; build it with img_size={x.shape[-1]}."
-            )
-        return self.norm(self.stages(self.stem(x)))
-
-    # --- deploy form ---------------------------------------------------------------------
-    @torch.no_grad()
-    def reparameterize(self) -> "EfficientFormer":
-        """Fold for inference, in place (see the module docstring). Returns self, in eval mode."""
-        self.eval()
-        if self.deployed:
-            return self
-        fuse_modules(self)
-        merge_heads(self)
-        use_deploy_kernels(self)
-        self.requires_grad_(False)
-        self.deployed = True
-        return self
 
 
 @torch.no_grad()
@@ -519,18 +495,9 @@ def merge_heads(model: nn.Module) -> None:
 # Key layouts
 
 
-def _fill_bias_index(sd: dict, model: nn.Module) -> dict:
-    """Drop the file's bias index buffers and use the model's (they depend only on the grid)."""
-    sd = {k: v for k, v in sd.items() if not k.endswith("attention_bias_idxs")}
-    for k, v in model.state_dict().items():
-        if k.endswith("attention_bias_idxs"):
-            sd[k] = v
-    return resize_bias_tables(sd, model, antialias=False)
-
-
-def convert_timm(sd: dict, model: nn.Module) -> dict:
-    """Our keys, which are timm's ``efficientformer_l*`` keys; bias tables resized to the model's grid."""
-    return _fill_bias_index(sd, model)
+# Our keys are timm's ``efficientformer_l*`` keys; the persistent bias index buffers are the
+# model's (they follow from the grid) and tables are resized bicubic, without antialiasing.
+convert_timm = timm_converter(antialias=False)
 
 
 def convert_official(sd: dict, model: nn.Module) -> dict:
@@ -560,7 +527,7 @@ def convert_official(sd: dict, model: nn.Module) -> dict:
             parts[0] = "head_dist"
         key = re.sub(r"\blayer_scale_(\d)$", r"ls\1.gamma", ".".join(parts))
         out[key] = v
-    return _fill_bias_index(out, model)
+    return convert_timm(out, model)
 
 
 # ------------------------------------------------------------------------------------------
@@ -588,17 +555,15 @@ for _v, (_dims, _depths, _vit, _top1, _ms, _drive) in _VARIANTS.items():
             paper=_PAPER,
             builder=EfficientFormer,
             config=dict(img_size=224, num_classes=1000, depths=_depths, embed_dims=_dims, num_vit=_vit),
-            input=InputSpec("image", (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, 0.95, "bicubic"),
+            input=INPUT,
+            feature_out_indices=4,
             metrics={
                 "imagenet_top1": Metric(_top1, "%", "ImageNet-1k val", "paper Table 1 (arXiv 2206.01191)"),
                 "iphone12_ms": Metric(_ms, "ms", "iPhone 12, CoreML, batch 1", "paper Table 1 (arXiv 2206.01191)"),
             },
             weights={
-                "snap_dist_in1k": WeightEntry(
-                    "snap_dist_in1k", f"hf-hub:timm/efficientformer_{_v}.snap_dist_in1k",
-                    filename="model.safetensors", format="safetensors", layout="timm", license="apache-2.0",
-                    description="ImageNet-1k with distillation, 224px, the official weights as re-hosted by timm",
-                ),
+                "snap_dist_in1k": timm_hub_entry(f"efficientformer_{_v}", "snap_dist_in1k", "apache-2.0",
+                                                 "ImageNet-1k with distillation, 224px"),
                 "official": WeightEntry(
                     "official", f"manual:https://drive.google.com/file/d/{_drive}/view",
                     filename=f"efficientformer_{_v}_300d.pth", format="pytorch", layout="official",

@@ -51,11 +51,12 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale2d
 
 from zoo.errors import ConfigError
-from zoo.hub import WeightEntry
-from zoo.models.efficientformer import DistilledClassifier, merge_heads
-from zoo.models.cpu_kernels import add_, use_deploy_kernels
-from zoo.models.layers import ChannelAffine, ConvNorm, bias_index, densify_bias, resize_bias_tables
-from zoo.nn import fold_scale_into_out_channels, fuse_modules
+from zoo.hub import WeightEntry, timm_hub_entry
+from zoo.models.efficientformer import INPUT, DistilledClassifier, merge_heads
+from zoo.models.cpu_kernels import add_
+from zoo.models.image_model import image_cfg
+from zoo.models.layers import ChannelAffine, ConvNorm, bias_index, densify_bias, timm_converter
+from zoo.nn import fold_scale_into_out_channels
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Metric, ModelCard, Paper, register_model
 
 __all__ = ["EfficientFormerV2", "convert_official", "convert_timm"]
@@ -330,15 +331,9 @@ class EfficientFormerV2Stage(nn.Module):
             )
             for i in range(depth)
         ])
-        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample(x)
-        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            from timm.models import checkpoint_seq
-
-            return checkpoint_seq(self.blocks, x)
-        return self.blocks(x)
+        return self.blocks(self.downsample(x))
 
 
 class EfficientFormerV2(DistilledClassifier, nn.Module):
@@ -400,10 +395,12 @@ class EfficientFormerV2(DistilledClassifier, nn.Module):
                     "cannot upsample back to; use a multiple of 32."
                 )
         self.img_size = img_size
+        self.fixed_input_size = True
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         self.distilled_training = False
+        self.grad_checkpointing = False
         self.deployed = False
 
         act_layer = nn.GELU
@@ -431,51 +428,25 @@ class EfficientFormerV2(DistilledClassifier, nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.distillation = distillation
         self._make_heads(num_classes)
-        self.pretrained_cfg = {
-            "input_size": (in_chans, img_size, img_size),
-            "mean": IMAGENET_MEAN,
-            "std": IMAGENET_STD,
-            "crop_pct": 0.95,
-            "interpolation": "bicubic",
-            "num_classes": num_classes,
-            "first_conv": "stem.conv1.conv",
-            "classifier": ("head", "head_dist") if distillation else "head",
-            "fixed_input_size": True,
-            "pool_size": (resolution, resolution),
-        }
+        self.pretrained_cfg = image_cfg(
+            INPUT, in_chans, img_size, num_classes, first_conv="stem.conv1.conv",
+            classifier=("head", "head_dist") if distillation else "head", fixed_input_size=True,
+            pool_size=(resolution, resolution),
+        )
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            raise ConfigError(
-                f"this EfficientFormerV2 was built for {self.img_size}x{self.img_size} inputs (its attention "
-                f"grids are fixed), got {tuple(x.shape[-2:])}; build it with img_size={x.shape[-1]}."
-            )
-        return self.norm(self.stages(self.stem(x)))
-
-    # --- deploy form ---------------------------------------------------------------------
-    @torch.no_grad()
-    def reparameterize(self) -> "EfficientFormerV2":
-        """Fold for inference, in place (see the module docstring). Returns self, in eval mode."""
-        self.eval()
-        if self.deployed:
-            return self
-        fuse_modules(self)
-        self.norm = ChannelAffine.from_bn(self.norm)  # follows a residual sum: nothing to fold into
+    # --- deploy form (`ImageModel.reparameterize`; see the module docstring) ---------------
+    def _fold_for_deploy(self) -> None:
+        if isinstance(self.norm, nn.BatchNorm2d):  # follows a residual sum: nothing to fold into
+            self.norm = ChannelAffine.from_bn(self.norm)
         merge_heads(self)
-        use_deploy_kernels(self)
-        self.requires_grad_(False)
-        self.deployed = True
-        return self
 
 
 # ------------------------------------------------------------------------------------------
 # Key layouts
 
 
-def convert_timm(sd: dict, model: nn.Module) -> dict:
-    """Our keys, which are timm's ``efficientformerv2_*`` keys; bias tables resized to the model's grids."""
-    sd = {k: v for k, v in sd.items() if not k.endswith("attention_bias_idxs")}
-    return resize_bias_tables(sd, model, antialias=False)
+# Our keys are timm's ``efficientformerv2_*`` keys; bias tables resized bicubic, no antialiasing.
+convert_timm = timm_converter(antialias=False)
 
 
 _MLP = {"fc1": "fc1.conv", "norm1": "fc1.bn", "mid": "mid.conv", "mid_norm": "mid.bn", "fc2": "fc2.conv", "norm2": "fc2.bn"}
@@ -549,7 +520,7 @@ def convert_official(sd: dict, model: nn.Module) -> dict:
         elif parts[0] == "dist_head":
             parts[0] = "head_dist"
         out[".".join(parts)] = v
-    return resize_bias_tables(out, model, antialias=False)
+    return convert_timm(out, model)
 
 
 # ------------------------------------------------------------------------------------------
@@ -586,17 +557,15 @@ for _v, (_dims, _depths, _vit, (_r3, _r4), _dpr, _top1, _ms, _page) in _VARIANTS
             builder=EfficientFormerV2,
             config=dict(img_size=224, num_classes=1000, depths=_depths, embed_dims=_dims,
                         mlp_ratios=(4, 4, _r3, _r4), num_vit=_vit, drop_path_rate=_dpr),
-            input=InputSpec("image", (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, 0.95, "bicubic"),
+            input=INPUT,
+            feature_out_indices=(0, 1, 2, 3),
             metrics={
                 "imagenet_top1": Metric(_top1, "%", "ImageNet-1k val", "paper Table 2 (arXiv 2212.08059)"),
                 "iphone12_ms": Metric(_ms, "ms", "iPhone 12, CoreML, batch 1", "paper Table 2 (arXiv 2212.08059)"),
             },
             weights={
-                "snap_dist_in1k": WeightEntry(
-                    "snap_dist_in1k", f"hf-hub:timm/efficientformerv2_{_v}.snap_dist_in1k",
-                    filename="model.safetensors", format="safetensors", layout="timm", license="apache-2.0",
-                    description="ImageNet-1k with distillation, 224px, the official weights as re-hosted by timm",
-                ),
+                "snap_dist_in1k": timm_hub_entry(f"efficientformerv2_{_v}", "snap_dist_in1k", "apache-2.0",
+                                                 "ImageNet-1k with distillation, 224px"),
                 "official": WeightEntry(
                     "official", f"manual:{_page}", filename=f"eformer_{_v}_450.pth", format="pytorch",
                     layout="official", license="apache-2.0",

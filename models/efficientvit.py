@@ -55,14 +55,16 @@ from timm.layers import SqueezeExcite
 from timm.layers.activations import Sigmoid as TimmSigmoid
 
 from zoo.errors import ConfigError
-from zoo.hub import WeightEntry
-from zoo.models.cpu_kernels import DeployConv2d, can_write_inplace, eager_cpu_inference, nchw_fallback, use_deploy_kernels
-from zoo.models.layers import ConvNorm, NormLinear, Residual, bias_index, densify_bias, resize_bias_tables
+from zoo.hub import WeightEntry, timm_hub_entry
+from zoo.models.cpu_kernels import DeployConv2d, can_write_inplace, eager_cpu_inference, nchw_fallback
+from zoo.models.image_model import ImageModel, image_cfg
+from zoo.models.layers import ConvNorm, NormLinear, Residual, bias_index, densify_bias, timm_converter
 from zoo.models.nhwc import hooked, nhwc_applies, run_nhwc
-from zoo.nn import fuse_modules
 from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Metric, ModelCard, Paper, register_model
 
 __all__ = ["EfficientVit", "convert_official", "convert_timm"]
+
+INPUT = InputSpec("image", (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, 0.875, "bicubic")
 
 
 class ConvMlp(nn.Module):
@@ -445,7 +447,7 @@ class PatchEmbedding(nn.Sequential):
         self.conv4 = ConvNorm(dim // 2, dim, 3, 2, 1)
 
 
-class EfficientVit(nn.Module):
+class EfficientVit(ImageModel, nn.Module):
     """EfficientViT classifier / backbone. Input ``[B, in_chans, img_size, img_size]``.
 
     Args:
@@ -484,6 +486,7 @@ class EfficientVit(nn.Module):
         if not (len(key_dim) == len(depth) == len(num_heads) == len(window_size) == n_stages):
             raise ConfigError("embed_dim, key_dim, depth, num_heads and window_size need one entry per stage.")
         self.img_size = img_size
+        self.fixed_input_size = True
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.drop_rate = drop_rate
@@ -509,18 +512,10 @@ class EfficientVit(nn.Module):
         self.feature_resolution = resolution
         self.num_features = self.head_hidden_size = embed_dim[-1]
         self.head = NormLinear(self.num_features, num_classes, drop=drop_rate) if num_classes > 0 else nn.Identity()
-        self.pretrained_cfg = {
-            "input_size": (in_chans, img_size, img_size),
-            "mean": IMAGENET_MEAN,
-            "std": IMAGENET_STD,
-            "crop_pct": 0.875,
-            "interpolation": "bicubic",
-            "num_classes": num_classes,
-            "first_conv": "patch_embed.conv1.conv",
-            "classifier": "head.linear",
-            "fixed_input_size": True,
-            "pool_size": (self.feature_resolution, self.feature_resolution),
-        }
+        self.pretrained_cfg = image_cfg(
+            INPUT, in_chans, img_size, num_classes, first_conv="patch_embed.conv1.conv", classifier="head.linear",
+            fixed_input_size=True, pool_size=(self.feature_resolution, self.feature_resolution),
+        )
 
     # --- timm-compatible interface -----------------------------------------------------
     @torch.jit.ignore
@@ -535,10 +530,6 @@ class EfficientVit(nn.Module):
         )
 
     @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head.linear if isinstance(self.head, NormLinear) else self.head
 
@@ -550,22 +541,16 @@ class EfficientVit(nn.Module):
         self.head = NormLinear(self.num_features, num_classes, drop=self.drop_rate) if num_classes > 0 else nn.Identity()
         self.head.train(self.training)
 
+    stem_name = "patch_embed"
+    size_hint = " (its window geometry is fixed; img_size is a multiple of 16)"
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (self.img_size, self.img_size):
-            raise ConfigError(
-                f"this EfficientVit was built for {self.img_size}x{self.img_size} inputs, got "
-                f"{tuple(x.shape[-2:])}; build it with img_size={x.shape[-1]} (a multiple of 16)."
-            )
+        self.check_input_size(x)
         if self.deployed and not self.training and nhwc_applies(x):
             # eager CPU inference: the channels-last kernels (zoo.models.nhwc); the features
             # come back as the NCHW view of an NHWC tensor
             return run_nhwc(self.stages, run_nhwc(self.patch_embed, x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
-        x = self.patch_embed(x)
-        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            from timm.models import checkpoint_seq
-
-            return checkpoint_seq(self.stages, x)
-        return self.stages(x)
+        return self.forward_stages(self.patch_embed(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean(dim=(2, 3))
@@ -574,38 +559,21 @@ class EfficientVit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    # --- deploy form ---------------------------------------------------------------------
-    @torch.no_grad()
-    def reparameterize(self) -> "EfficientVit":
-        """Fold for inference, in place (see the module docstring). Returns self, in eval mode."""
-        self.eval()
-        if self.deployed:
-            return self
-        fuse_modules(self)
-        use_deploy_kernels(self)
+    # --- deploy form (`ImageModel.reparameterize`; see the module docstring) ---------------
+    def _fold_for_deploy(self) -> None:
         for m in self.modules():
             if isinstance(m, nn.ReLU):
                 m.inplace = True  # every ReLU here acts on a fresh intermediate
-        self.requires_grad_(False)
-        self.deployed = True
-        return self
 
 
 # ------------------------------------------------------------------------------------------
 # Key layouts
 
 
-def _resize_biases(sd: dict, model: nn.Module) -> dict:
-    """Resize bias tables whose window differs from the model's: bicubic over the offset grid
-    with ``antialias=True`` (timm's ``resize_rel_pos_bias_table_levit``, after TinyViT)."""
-    return resize_bias_tables(sd, model, antialias=True)
-
-
-def convert_timm(sd: dict, model: nn.Module) -> dict:
-    """Our keys, which are timm's ``efficientvit_m*`` keys (older timm files also saved the
-    bias index); bias tables are resized when the model's windows differ from the file's."""
-    sd = {k: v for k, v in sd.items() if not k.endswith("attention_bias_idxs")}
-    return _resize_biases(sd, model)
+# Our keys are timm's ``efficientvit_m*`` keys (older timm files also saved the bias index).
+# Bias tables whose window differs from the model's are resized bicubic over the offset grid
+# with ``antialias=True`` (timm's ``resize_rel_pos_bias_table_levit``, after TinyViT).
+convert_timm = timm_converter(antialias=True)
 
 
 def convert_official(sd: dict, model: nn.Module) -> dict:
@@ -637,7 +605,7 @@ def convert_official(sd: dict, model: nn.Module) -> dict:
                 parts[1:2] = ["blocks", str(idx)]
             parts[0:1] = ["stages", str(stage)]
         out[".".join(parts)] = v
-    return _resize_biases(out, model)
+    return convert_timm(out, model)
 
 
 # ------------------------------------------------------------------------------------------
@@ -679,14 +647,11 @@ for _v, (_dims, _depth, _heads, _kernels, _top1) in _VARIANTS.items():
                 window_size=(7, 7, 7),
                 kernels=_kernels,
             ),
-            input=InputSpec("image", (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, 0.875, "bicubic"),
+            input=INPUT,
+            feature_out_indices=(0, 1, 2),
             metrics={"imagenet_top1": Metric(_top1, "%", "ImageNet-1k val", "paper Table 1 (arXiv 2305.07027)")},
             weights={
-                "r224_in1k": WeightEntry(
-                    "r224_in1k", f"hf-hub:timm/efficientvit_{_v}.r224_in1k", filename="model.safetensors",
-                    format="safetensors", layout="timm", license="mit",
-                    description="ImageNet-1k, 224px, the official weights as re-hosted by timm",
-                ),
+                "r224_in1k": timm_hub_entry(f"efficientvit_{_v}", "r224_in1k", "mit", "ImageNet-1k, 224px"),
                 "official": WeightEntry(
                     "official", _OFFICIAL_URL.format(_v), format="pytorch", layout="official", license="mit",
                     description="ImageNet-1k, 224px, the official release (state dict under 'model')",

@@ -23,6 +23,7 @@ __all__ = [
     "Residual",
     "bias_index",
     "resize_bias_tables",
+    "timm_converter",
     "densify_bias",
 ]
 
@@ -158,6 +159,22 @@ def resize_bias_tables(sd: dict, model: nn.Module, antialias: bool) -> dict:
         out = F.interpolate(img, size=(dst, dst), mode="bicubic", align_corners=False, antialias=antialias)
         sd[k] = out.reshape(t.shape).to(v.dtype).contiguous()
     return sd
+
+
+def timm_converter(antialias: bool):
+    """The converter from timm's key layout (which is ours) for a family with LeViT-style bias
+    tables: the file's ``attention_bias_idxs`` buffers are dropped (they follow from the grid;
+    older timm files saved them) and the model's persistent ones, if any, filled in; tables
+    trained at another grid are resized (`resize_bias_tables`, with `antialias` as the family's
+    reference code)."""
+
+    def convert(sd: dict, model: nn.Module) -> dict:
+        sd = {k: v for k, v in sd.items() if not k.endswith("attention_bias_idxs")}
+        sd.update({k: v for k, v in model.state_dict().items() if k.endswith("attention_bias_idxs")})
+        return resize_bias_tables(sd, model, antialias=antialias)
+
+    convert.__doc__ = f"timm's layout (ours) -> ours; bias tables resized bicubic, antialias={antialias}."
+    return convert
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {"zoo": "zoo", "models": "zoo.models", "render": "zoo.render", "export": "zoo.export"}
 
-CORE = {"zoo._version", "zoo.errors", "zoo.io", "zoo.hub", "zoo.registry", "zoo.nn", "zoo.flops", "zoo.tables", "zoo.testing"}
+CORE = {"zoo._version", "zoo.features", "zoo.errors", "zoo.io", "zoo.hub", "zoo.registry", "zoo.nn", "zoo.flops", "zoo.tables", "zoo.testing"}
 
 # module prefix -> the zoo modules (prefixes) it may import; the first matching row applies
 RULES: list[tuple[str, set[str]]] = [

@@ -168,3 +168,18 @@ def test_benchmark_names_and_errors(capsys):
         assert "needs a CUDA GPU" in capsys.readouterr().err
     assert main(["benchmark", "efficientvit_m0", "--dtype", "fp16"]) == 2
     assert "cuda backend" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["efficientvit_m0", "efficientformer_l1", "efficientformerv2_s0", "psf_tiny"])
+def test_info_benchmark_and_export_work_or_refuse_clearly_for_every_family(name, tmp_path, capsys):
+    """Each command either works or ends in a ZooError's one-line message (status 2), never a
+    traceback: this once ended in a bare KeyError for psf_tiny."""
+    assert main(["info", name]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == name
+    assert main(["benchmark", name, "--reps", "1", "--warmup", "0", "--quiet"]) == 0
+    assert name in capsys.readouterr().out
+    status = main(["export", name, "--format", "onnx", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert status == 0 or (status == 2 and err.startswith("error: ")), err
+    if status == 0:
+        assert (tmp_path / "out" / f"{name}.onnx").is_file()

@@ -185,8 +185,9 @@ def benchmark(
         raise ConfigError("the cuda backend needs a CUDA GPU, and torch sees none here.")
     if batch_size < 1 or reps < 1 or warmup < 0:
         raise ConfigError("batch_size and reps must be at least 1, warmup at least 0.")
-    from zoo.export import reparameterize
+    from zoo.export import prepare_target
     from zoo.flops import count_macs, count_params
+    from zoo.registry import model_card
 
     names = expand_names(names)
     if threads:
@@ -197,11 +198,16 @@ def benchmark(
     with tempfile.TemporaryDirectory(prefix="zoo-bench-") as tmp:
         for name in names:
             ours, peer = _build_pair(name, img_size, compare)
-            size = ours.pretrained_cfg["input_size"]
-            g = torch.Generator().manual_seed(0)
-            x = torch.randn((batch_size, *size), generator=g)
-            deployed = reparameterize(ours)
-            params, macs = count_params(ours), count_macs(ours, (x[:1],))
+            card = model_card(name)
+            # what export traces is what a deployment runs: the image model's forward, or
+            # the module a model's export_wrapper names (PSF: the one-step sampler on noise)
+            shape = tuple(ours.pretrained_cfg.get("input_size") or card.input.shape)
+            target = prepare_target(ours, input_shape=(batch_size, *shape), reparam=True)
+            deployed, x = target.module, target.inputs[0]
+            size = x.shape[1:]
+            # MACs as `zoo.complexity` counts them: the training form for image models
+            macs = count_macs(ours if card.input.kind == "image" else deployed, (x[:1],))
+            params = count_params(ours)
             if backend == "onnxruntime":
                 run = _ort_runner(deployed, x, threads, Path(tmp), f"{name}-zoo", reparam=False)
                 run_peer = _ort_runner(peer, x, threads, Path(tmp), f"{name}-timm", reparam=False) if peer else None

@@ -34,6 +34,7 @@ from zoo.io import atomic_write, sha256_file
 
 __all__ = [
     "WeightEntry",
+    "timm_hub_entry",
     "zoo_home",
     "is_offline",
     "cached_path",
@@ -111,6 +112,16 @@ class WeightEntry:
             "license": self.license,
             "description": self.description,
         }
+
+
+def timm_hub_entry(timm_name: str, tag: str, license: str, what: str) -> WeightEntry:
+    """The weights timm re-hosts on the Hugging Face hub for its model `timm_name`, pretrained
+    tag `tag` (``hf-hub:timm/<timm_name>.<tag>``, ``model.safetensors``, timm's key layout);
+    `what` says what they were trained on, e.g. ``"ImageNet-1k, 224px"``."""
+    return WeightEntry(
+        tag, f"hf-hub:timm/{timm_name}.{tag}", filename="model.safetensors", format="safetensors",
+        layout="timm", license=license, description=f"{what}, the official weights as re-hosted by timm",
+    )
 
 
 def zoo_home() -> Path:

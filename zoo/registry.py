@@ -95,6 +95,8 @@ class ModelCard:
         `create_model` accepts.
     layouts: key-layout name (``timm``, ``official``) -> converter into this model's keys.
     head_keys: state-dict key prefixes of the classifier (reset when num_classes changes).
+    feature_out_indices: timm's default ``out_indices`` for ``features_only`` (an int: the
+        last n stages); None for a model that is no backbone.
     """
 
     name: str
@@ -109,6 +111,7 @@ class ModelCard:
     default_tag: str | None = None
     layouts: Mapping[str, Converter] = field(default_factory=dict)
     head_keys: tuple[str, ...] = ()
+    feature_out_indices: tuple[int, ...] | int | None = None
     license: str = "unknown"
     description: str = ""
 
@@ -198,7 +201,8 @@ def model_card(name: str) -> ModelCard:
         raise UnknownModelError(f"no model named {name!r}.{hint} `zoo list` shows them all.") from None
 
 
-def create_model(name: str, pretrained: bool | str | Path = False, **overrides) -> torch.nn.Module:
+def create_model(name: str, pretrained: bool | str | Path = False, features_only: bool = False,
+                 out_indices: int | tuple[int, ...] | None = None, **overrides) -> torch.nn.Module:
     """Build a registered model, optionally with weights.
 
     pretrained: ``False``; ``True`` for the card's default weights; a weight tag from the card;
@@ -207,10 +211,20 @@ def create_model(name: str, pretrained: bool | str | Path = False, **overrides) 
         ``img_size``, ``drop_path_rate``...). Unknown ones raise `ConfigError` naming the valid
         ones. When ``num_classes`` differs from the weights', the classifier stays freshly
         initialised and the rest loads.
+    features_only: return the backbone as timm does (`zoo.features.FeatureNet`): its forward
+        gives the list of the stages' feature maps ``[B, C_i, H_i, W_i]``; the weights load into
+        the full model first, so a classification checkpoint loads with its head dropped.
+    out_indices: which stages (absolute, negative from the end, or an int for the last n);
+        default the family's, as timm's (``card.feature_out_indices``).
 
     Returns the model in eval mode, on the CPU, with ``pretrained_cfg`` describing its input.
     """
     card = model_card(name)
+    if (features_only or out_indices is not None) and card.feature_out_indices is None:
+        raise ConfigError(f"{name} is a {card.task} model with no feature maps to return; features_only is for "
+                          f"backbones: {', '.join(n for n in list_models() if _REGISTRY[n].feature_out_indices)}.")
+    if out_indices is not None and not features_only:
+        raise ConfigError("out_indices applies with features_only=True.")
     valid = card.accepted_overrides()
     bad = [k for k in overrides if k not in valid]
     if bad:
@@ -227,17 +241,22 @@ def create_model(name: str, pretrained: bool | str | Path = False, **overrides) 
             raise ConfigError(f"cannot build {name} with {overrides}: {e}") from e
     else:
         model = card.builder(**config)
-    cfg = dict(getattr(model, "pretrained_cfg", {}) or {})
+    # the model's own cfg is written once, by the model from its family's InputSpec (the one
+    # the card holds); the registry adds only what it alone knows
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
     cfg.update(architecture=name, tag=None)
-    if card.input.kind == "image":
-        cfg.setdefault("input_size", card.input.shape)
-        for key in ("mean", "std", "crop_pct", "interpolation"):
-            if getattr(card.input, key) is not None:
-                cfg[key] = getattr(card.input, key)
     if pretrained is not False and pretrained is not None:
         cfg["tag"] = _load_pretrained(model, card, pretrained)
-    model.pretrained_cfg = cfg
-    model.default_cfg = cfg  # older timm helpers read this name
+    model.pretrained_cfg = model.default_cfg = cfg  # default_cfg: the name older timm helpers read
+    if features_only:
+        from zoo.features import features_only as _features_only
+
+        try:
+            model = _features_only(model, card.feature_out_indices if out_indices is None else out_indices)
+        except (AssertionError, IndexError) as e:  # timm's index check
+            raise ConfigError(f"out_indices={out_indices!r} does not fit {name}'s {len(model.stages)} stages: "
+                              f"{e or 'index out of range'}.") from e
+        model.pretrained_cfg = model.default_cfg = {**model.pretrained_cfg, "architecture": name}
     return model.eval()
 
 

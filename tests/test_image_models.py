@@ -1,0 +1,213 @@
+"""All 13 image models against timm with the same random weights: timm's backbone API
+(``features_only``, ``forward_intermediates``, ``prune_intermediate_layers``) and the deploy
+form with the CPU kernels switched off or failing."""
+from __future__ import annotations
+
+import threading
+import warnings
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import zoo
+import zoo.models.cpu_kernels as kernels
+from zoo.testing import randomize_, rel_err
+
+NAMES = [f"efficientvit_m{i}" for i in range(6)] + [f"efficientformer_l{i}" for i in (1, 3, 7)] + [
+    f"efficientformerv2_{v}" for v in ("s0", "s1", "s2", "l")]
+BIG = {"efficientformer_l7", "efficientformer_l3", "efficientformerv2_l", "efficientformerv2_s2"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """name -> (timm model with random weights, its state dict as a safetensors file, input)."""
+    folder = tmp_path_factory.mktemp("timm_weights")
+    out = {}
+    for i, name in enumerate(NAMES):
+        ref = randomize_(timm.create_model(name).eval(), seed=i)
+        path = folder / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, path)
+        x = torch.randn(1 if name in BIG else 2, 3, 224, 224, generator=torch.Generator().manual_seed(i))
+        out[name] = (ref, path, x)
+    return out
+
+
+@pytest.fixture
+def kernels_reset():
+    kernels.reset_cpu_kernels()
+    yield
+    kernels.reset_cpu_kernels()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_features_only_equals_timm_features_only(name, reference):
+    ref, path, x = reference[name]
+    theirs = timm.create_model(name, features_only=True, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path))).eval()
+    ours = zoo.create_model(name, features_only=True, pretrained=str(path))  # a classification file
+    assert ours.feature_info.channels() == theirs.feature_info.channels()
+    assert ours.feature_info.reduction() == theirs.feature_info.reduction()
+    assert ours.feature_info.module_name() == theirs.feature_info.module_name()
+    assert not any(k.startswith(("model.head", "model.head_dist")) for k in ours.state_dict())  # pruned
+    with torch.no_grad():
+        want, got = theirs(x), ours(x)
+    assert len(got) == len(want) == len(ours.feature_info)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and rel_err(a, b) < 1e-5
+    deployed = zoo.export.reparameterize(ours)
+    with torch.inference_mode():
+        fast = deployed(x)
+    for a, b in zip(fast, want):
+        assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_intermediates_and_pruning_equal_timm(name, reference):
+    ref, path, x = reference[name]
+    ours = zoo.create_model(name, pretrained=str(path))
+    for kwargs in (dict(), dict(norm=True), dict(indices=2), dict(indices=[0, -1], norm=True),
+                   dict(indices=[1], stop_early=True)):
+        with torch.no_grad():
+            want_x, want = ref.forward_intermediates(x, **kwargs)
+            got_x, got = ours.forward_intermediates(x, **kwargs)
+        assert len(got) == len(want), kwargs
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and rel_err(a, b) < 1e-5, kwargs
+        assert got_x.shape == want_x.shape and rel_err(got_x, want_x) < 1e-5, kwargs
+    with torch.no_grad():
+        only = ours.forward_intermediates(x, indices=1, intermediates_only=True)
+        last = ref.forward_intermediates(x, indices=1, intermediates_only=True)
+    assert len(only) == 1 and rel_err(only[0], last[0]) < 1e-5
+    theirs_pruned = timm.create_model(name).eval()
+    theirs_pruned.load_state_dict(ref.state_dict())
+    kept = theirs_pruned.prune_intermediate_layers(2)
+    assert ours.prune_intermediate_layers(2) == kept
+    assert len(ours.stages) == len(theirs_pruned.stages) and ours.num_features == theirs_pruned.num_features
+    with torch.no_grad():
+        a = ours.forward_intermediates(x, indices=2, intermediates_only=True)
+        b = theirs_pruned.forward_intermediates(x, indices=2, intermediates_only=True)
+    assert all(rel_err(p, q) < 1e-5 for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deploy_form_equals_timm_with_the_kernels_off_and_with_a_failed_probe(name, reference, monkeypatch,
+                                                                                kernels_reset):
+    ref, path, x = reference[name]
+    with torch.no_grad():
+        want = ref(x)
+    deployed = zoo.export.reparameterize(zoo.create_model(name, pretrained=str(path)))
+    used = []
+    real_linear = kernels.prepacked_linear
+    monkeypatch.setattr(kernels, "prepacked_linear", lambda *a, **k: used.append(1) or real_linear(*a, **k))
+    monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
+    kernels.reset_cpu_kernels()
+    with torch.inference_mode():
+        assert rel_err(deployed(x), want) < 1e-5
+    assert not used and not kernels.cpu_kernels_enabled()
+    monkeypatch.delenv("ZOO_CPU_KERNELS")
+    monkeypatch.setattr(kernels, "probe_onednn", lambda: (False, "forced to fail by the test"))
+    kernels.reset_cpu_kernels()
+    with pytest.warns(RuntimeWarning, match="forced to fail"):
+        assert not kernels.onednn_enabled()
+    with torch.inference_mode():
+        assert rel_err(deployed(x), want) < 1e-5
+    assert not used
+
+
+@pytest.mark.parametrize("name", ["efficientvit_m0", "efficientformer_l1", "efficientformerv2_s0"])
+def test_deploy_form_equals_timm_with_the_kernels_on_and_they_are_used(name, reference, monkeypatch,
+                                                                       kernels_reset):
+    if not kernels.probe_onednn()[0]:
+        pytest.skip("oneDNN's fused ops do not pass the probe on this build")
+    ref, path, x = reference[name]
+    with torch.no_grad():
+        want = ref(x)
+    deployed = zoo.export.reparameterize(zoo.create_model(name, pretrained=str(path)))
+    used = []
+    real_linear = kernels.prepacked_linear
+    monkeypatch.setattr(kernels, "prepacked_linear", lambda *a, **k: used.append(1) or real_linear(*a, **k))
+    with torch.inference_mode():
+        assert rel_err(deployed(x), want) < 1e-5
+    assert used and kernels.onednn_enabled()
+
+
+def test_a_kernel_that_fails_later_falls_back_in_that_layer_with_one_warning(reference, monkeypatch, kernels_reset):
+    if not kernels.probe_onednn()[0]:
+        pytest.skip("oneDNN's fused ops do not pass the probe on this build")
+    ref, path, x = reference["efficientformer_l1"]
+    with torch.no_grad():
+        want = ref(x)
+    deployed = zoo.export.reparameterize(zoo.create_model("efficientformer_l1", pretrained=str(path)))
+    assert kernels.onednn_enabled()
+
+    def broken(*args):
+        raise RuntimeError("oneDNN: unsupported on this CPU (simulated)")
+
+    monkeypatch.setattr(kernels._Switch, "linear", broken)
+    monkeypatch.setattr(kernels._Switch, "linear_add", broken)
+    monkeypatch.setattr(kernels._Switch, "conv", broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.inference_mode():
+            out = deployed(x)
+    assert rel_err(out, want) < 1e-5
+    failed = [m for m in deployed.modules() if "_onednn_off" in m.__dict__]
+    messages = [w for w in caught if "simulated" in str(w.message)]
+    assert failed and len(messages) == len(failed)  # one warning per layer, then silence
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        with torch.inference_mode():
+            assert rel_err(deployed(x), want) < 1e-5
+    assert not [w for w in again if "simulated" in str(w.message)]
+
+
+@pytest.mark.parametrize("name", ["efficientvit_m0", "efficientformerv2_s0"])
+def test_two_threads_running_one_deploy_model_get_correct_outputs(name, reference, kernels_reset):
+    """Different batch sizes in each thread churn the shared kernel caches (one entry per
+    input shape, a few kept per layer) while the other thread reads them."""
+    ref, path, _ = reference[name]
+    deployed = zoo.export.reparameterize(zoo.create_model(name, pretrained=str(path)))
+    inputs = [torch.randn(b, 3, 224, 224, generator=torch.Generator().manual_seed(b)) for b in (1, 2, 3, 4, 5)]
+    with torch.no_grad():
+        wants = [ref(x) for x in inputs]
+    errors, worst = [], []
+
+    def work(order):
+        try:
+            for _ in range(2):
+                for i in order:
+                    with torch.inference_mode():
+                        worst.append(rel_err(deployed(inputs[i]), wants[i]))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(o,)) for o in ([0, 1, 2, 3, 4], [4, 3, 2, 1, 0])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(worst) == 20 and max(worst) < 1e-5
+
+
+def test_features_only_refusals_are_clear():
+    with pytest.raises(zoo.ConfigError, match="no feature maps"):
+        zoo.create_model("psf_tiny", features_only=True)
+    with pytest.raises(zoo.ConfigError, match="out_indices"):
+        zoo.create_model("efficientvit_m0", features_only=True, out_indices=(0, 5))
+    with pytest.raises(zoo.ConfigError, match="features_only"):
+        zoo.create_model("efficientvit_m0", out_indices=(0, 1))
+    model = zoo.create_model("efficientvit_m0", features_only=True, out_indices=(-1,))
+    assert model.feature_info.channels() == [192] and model.pretrained_cfg["out_indices"] == (2,)
+
+
+def test_features_only_exports_to_onnx_with_one_output_per_level(tmp_path):
+    model = zoo.create_model("efficientformerv2_s0", features_only=True)
+    randomize_(model)
+    report = zoo.export.to_onnx(model, tmp_path / "features.onnx", verbose=False)
+    import onnx
+
+    graph = onnx.load(str(report.path)).graph
+    assert len(graph.output) == 4
+    assert max(c.rel_diff for c in report.comparisons) < 1e-4
