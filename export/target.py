@@ -163,7 +163,7 @@ def prepare_target(
                       "interpolation": cfg.get("interpolation"), "weights": cfg.get("tag")},
         )
     target.reparameterized = reparam
-    _check_runs(target)
+    _check_runs(target, user_shape=input_shape is not None)
     return target
 
 
@@ -188,16 +188,21 @@ def _build(name: str, pretrained, shape) -> nn.Module:
     return create_model(name, pretrained=pretrained if pretrained not in (None, "") else False, **overrides)
 
 
-def _check_runs(target: ExportTarget) -> None:
+def _check_runs(target: ExportTarget, user_shape: bool) -> None:
+    """Run the module once on its example inputs and record the output shapes. With a shape
+    the user chose, a shape error is theirs (`ConfigError`, the cause chained); with the
+    model's own example input, any failure is a bug and propagates as it is."""
     try:
         with torch.no_grad():
             out = target.module(*target.inputs)
     except ZooError:
         raise
-    except Exception as e:  # noqa: BLE001 - any failure here means the input does not fit the model
+    except (RuntimeError, ValueError, IndexError) as e:
+        if not user_shape:
+            raise
         shapes = ", ".join(str(tuple(t.shape)) for t in target.inputs)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{target.name} cannot take inputs of shape {shapes}: {first}") from None
+        raise ConfigError(f"{target.name} cannot take inputs of shape {shapes}: {first}") from e
     outs = out if isinstance(out, (tuple, list)) else (out,)
     if not all(isinstance(o, torch.Tensor) for o in outs):
         raise ConfigError(f"{target.name} must return a tensor or a tuple of tensors to be exported.")

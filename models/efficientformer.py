@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, LayerScale, LayerScale2d, Mlp, trunc_normal_
 
 from zoo.errors import ConfigError
-from zoo.hub import WeightEntry, timm_hub_entry
+from zoo.hub import NotThisLayout, WeightEntry, timm_hub_entry
 from zoo.models.cpu_kernels import add_, can_write_inplace, mul_add
 from zoo.models.image_model import ImageModel, image_cfg
 from zoo.models.layers import bias_index, densify_bias, timm_converter
@@ -509,7 +509,7 @@ def convert_official(sd: dict, model: nn.Module) -> dict:
     ``dist_head`` -> ``head_dist``.
     """
     if not any(k.startswith("network.") for k in sd):
-        raise KeyError("not the official layout")
+        raise NotThisLayout("not the official layout")
     stem = {"0": "conv1", "1": "norm1", "3": "conv2", "4": "norm2"}
     out = {}
     for key, v in sd.items():

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, LayerScale2d
 
 from zoo.errors import ConfigError
-from zoo.hub import WeightEntry, timm_hub_entry
+from zoo.hub import NotThisLayout, WeightEntry, timm_hub_entry
 from zoo.models.efficientformer import INPUT, DistilledClassifier, merge_heads
 from zoo.models.cpu_kernels import add_
 from zoo.models.image_model import image_cfg
@@ -484,7 +484,7 @@ def convert_official(sd: dict, model: nn.Module) -> dict:
       the ``attention_bias_idxs`` buffers are dropped (they follow from the grid).
     """
     if not any(k.startswith("network.") for k in sd):
-        raise KeyError("not the official layout")
+        raise NotThisLayout("not the official layout")
     stem = {"0": ["conv1", "conv"], "1": ["conv1", "bn"], "3": ["conv2", "conv"], "4": ["conv2", "bn"]}
     out = {}
     for key, v in sd.items():
@@ -516,7 +516,7 @@ def convert_official(sd: dict, model: nn.Module) -> dict:
                 elif rest[0] == "attn":
                     parts = prefix + ["attn", *_rename_attention(rest[1:])]
                 else:
-                    raise KeyError(key)
+                    raise NotThisLayout(f"{key} is no key of the official layout")
         elif parts[0] == "dist_head":
             parts[0] = "head_dist"
         out[".".join(parts)] = v

@@ -55,7 +55,7 @@ from timm.layers import SqueezeExcite
 from timm.layers.activations import Sigmoid as TimmSigmoid
 
 from zoo.errors import ConfigError
-from zoo.hub import WeightEntry, timm_hub_entry
+from zoo.hub import NotThisLayout, WeightEntry, timm_hub_entry
 from zoo.models.cpu_kernels import DeployConv2d, can_write_inplace, eager_cpu_inference, nchw_fallback
 from zoo.models.image_model import ImageModel, image_cfg
 from zoo.models.layers import ConvNorm, NormLinear, Residual, bias_index, densify_bias, timm_converter
@@ -584,7 +584,7 @@ def convert_official(sd: dict, model: nn.Module) -> dict:
     ``.2`` -> ``downsample.res2``, then blocks from ``.3``.
     """
     if not any(k.startswith("blocks1.") for k in sd):
-        raise KeyError("not the official layout")
+        raise NotThisLayout("not the official layout")
     rename = {"c": "conv", "l": "linear"}
     out = {}
     for key, v in sd.items():

@@ -256,3 +256,68 @@ def test_manual_source_says_where_to_save_and_uses_the_file_once_there(reference
         assert torch.equal(zoo.create_model(NAME, pretrained=True)(x), y)
     with pytest.raises(ValueError, match="filename"):
         WeightEntry("drive", "manual:https://example.org/page")
+
+
+def test_a_host_that_does_not_resolve_fails_at_once_without_retries(monkeypatch, zoo_home):
+    import socket
+    import time
+
+    import huggingface_hub
+
+    looked_up, downloads = [], []
+
+    def no_dns(host, *a, **k):
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: downloads.append(a) or None)
+    start = time.perf_counter()
+    with pytest.raises(zoo.WeightsError, match="does not resolve.*put it at"):
+        zoo.create_model(NAME, pretrained=True)
+    assert time.perf_counter() - start < 5 and looked_up == ["huggingface.co"] and not downloads
+    assert not (zoo_home / "weights" / NAME / "r224_in1k" / "model.safetensors").exists()
+
+
+def test_a_converter_bug_is_not_taken_for_another_layout(monkeypatch):
+    """Only `NotThisLayout` means 'try the next layout'; a converter that breaks raises as is."""
+    model = zoo.create_model(NAME)
+
+    def broken(sd, m):
+        return {k: v for k, v in sd["no such key"].items()}  # KeyError: a bug, not a layout answer
+
+    other_layout = {f"net.{k}": v for k, v in model.state_dict().items()}  # the zoo layout does not fit
+    with pytest.raises(KeyError):
+        hub.load_weights(model, other_layout, {"official": broken}, layout=None)
+    assert hub.load_weights(model, model.state_dict(), {"official": zoo.model_card(NAME).layouts["official"]}) == "zoo"
+
+
+def test_a_model_that_fails_on_its_own_example_input_is_a_bug_not_a_user_error():
+    class Broken(torch.nn.Module):
+        pretrained_cfg = {"input_size": (3, 8, 8)}
+
+        def forward(self, x):
+            raise RuntimeError("bug inside the model")
+
+    from zoo.export import prepare_target
+
+    with pytest.raises(RuntimeError, match="bug inside"):
+        prepare_target(Broken(), reparam=False)
+    with pytest.raises(zoo.ConfigError, match="cannot take inputs") as e:
+        prepare_target(Broken(), input_shape=(1, 3, 8, 8), reparam=False)
+    assert isinstance(e.value.__cause__, RuntimeError)  # chained, so ZOO_DEBUG=1 shows it
+
+
+def test_a_builder_bug_is_not_relabelled_and_a_bad_override_is_chained(monkeypatch):
+    card = zoo.model_card(NAME)
+
+    def broken(**kw):
+        raise TypeError("bug in the builder")
+
+    monkeypatch.setitem(registry._REGISTRY, NAME, dataclasses.replace(card, builder=broken))
+    with pytest.raises(TypeError, match="bug in the builder"):
+        zoo.create_model(NAME)
+    monkeypatch.undo()
+    with pytest.raises(zoo.ConfigError) as e:
+        zoo.create_model(NAME, embed_dim=5)  # not a sequence
+    assert e.value.__cause__ is not None

@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from zoo.io import atomic_write, sha256_file
 
 __all__ = [
     "WeightEntry",
+    "NotThisLayout",
     "timm_hub_entry",
     "zoo_home",
     "is_offline",
@@ -50,6 +53,11 @@ LAYOUTS = ("zoo", "timm", "official")
 FORMATS = ("safetensors", "pytorch")
 
 Converter = Callable[[dict, torch.nn.Module], dict]
+
+
+class NotThisLayout(WeightsError):
+    """Raised by a key-layout converter given a state dict in some other layout, so
+    `load_weights` tries the next one. Any other exception from a converter is a bug."""
 
 
 @dataclass(frozen=True)
@@ -182,11 +190,28 @@ def fetch(model_name: str, entry: WeightEntry, progress: bool = True) -> Path:
             f"weights {model_name}:{entry.tag} are not in the cache and downloads are off "
             f"(ZOO_OFFLINE/HF_HUB_OFFLINE). Get {entry.file_name} from {_origin(entry)} and put it at {dest}"
         )
+    host = urllib.parse.urlsplit(entry.source if entry.kind == "url" else _hf_endpoint()).hostname
+    if host and not _resolves(host):
+        # the host does not resolve: no network here, or a typo; clients would retry for minutes
+        raise _missing_hint(model_name, entry, dest, f"{host} does not resolve: this machine seems to be offline")
     if entry.kind == "url":
         _download_url(entry.source, dest, entry, model_name, progress)
     else:
         _download_hf(dest, entry, model_name)
     return dest
+
+
+def _hf_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
+
+
+def _resolves(host: str) -> bool:
+    """Whether `host` has an address (one DNS lookup; an IP literal always does)."""
+    try:
+        socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return True
 
 
 def _missing_hint(model_name: str, entry: WeightEntry, dest: Path, why: str) -> WeightsError:
@@ -203,7 +228,7 @@ def _download_url(url: str, dest: Path, entry: WeightEntry, model_name: str, pro
     try:
         response = urllib.request.urlopen(request, timeout=30)
     except (urllib.error.URLError, OSError) as e:
-        raise _missing_hint(model_name, entry, dest, str(getattr(e, "reason", e))) from None
+        raise _missing_hint(model_name, entry, dest, str(getattr(e, "reason", e))) from e
     digest = hashlib.sha256()
     total = int(response.headers.get("Content-Length") or 0) or None
     try:
@@ -227,7 +252,7 @@ def _download_url(url: str, dest: Path, entry: WeightEntry, model_name: str, pro
                     "file with pretrained=<path>."
                 )
     except (urllib.error.URLError, OSError) as e:
-        raise _missing_hint(model_name, entry, dest, f"connection broke: {e}") from None
+        raise _missing_hint(model_name, entry, dest, f"connection broke: {e}") from e
 
 
 def _download_hf(dest: Path, entry: WeightEntry, model_name: str) -> None:
@@ -239,7 +264,7 @@ def _download_hf(dest: Path, entry: WeightEntry, model_name: str) -> None:
     try:
         got = Path(hf_hub_download(repo_id, entry.filename, local_dir=dest.parent))
     except Exception as e:  # hub errors are many types; all mean the same to the user here
-        raise _missing_hint(model_name, entry, dest, f"{type(e).__name__}: {e}") from None
+        raise _missing_hint(model_name, entry, dest, f"{type(e).__name__}: {e}") from e
     if got != dest:  # only when filename has folders in it
         os.replace(got, dest)
     _check_sha(dest, entry, delete=True)
@@ -381,8 +406,8 @@ def load_weights(
     for name in names:
         try:
             converted = converters[name](dict(state_dict), model)
-        except (KeyError, ValueError, IndexError, RuntimeError, WeightsError):
-            continue  # not this layout
+        except NotThisLayout:
+            continue  # the converter recognised another layout; any other error is a bug in it
         missing, unexpected = _fit(converted, target)
         score = len(missing) + len(unexpected)
         if best is None or score < best[0]:
