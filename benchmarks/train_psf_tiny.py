@@ -5,7 +5,8 @@
 Runs `zoo.train.psf.run_pipeline` with psf_tiny's architecture (dropout off: at a quarter
 width it only adds noise) on the procedural shapes normalized to unit std (the flow starts
 from N(0, I) noise; the statistics are saved with the weights), then writes the distilled model's weights in float16 safetensors
-to ``models/psf/weights/psf_tiny_procedural.safetensors`` (the package's default weights)
+to ``--out`` and, only with ``--install``, over ``models/psf/weights/psf_tiny_procedural.safetensors``
+(the package's default weights; then set ``TINY_SHA256`` in ``models/psf/__init__.py`` to the printed digest)
 and prints the sha256. About 25 minutes on 2 CPU cores; ``--quick`` is a smoke run.
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ def main() -> None:
     p.add_argument("--out", default="runs/psf_tiny")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a few epochs only (checks the script, not the weights)")
-    p.add_argument("--no-install", action="store_true", help="do not overwrite the package's weights file")
+    p.add_argument("--install", action="store_true",
+                   help="also overwrite the package's weights file (then update TINY_SHA256 to the printed digest)")
     p.add_argument("--distill-pairs", type=int, default=256,
                    help="(noise, sample) pairs for distillation; the shipped weights used 256")
     args = p.parse_args()
@@ -61,11 +63,12 @@ def main() -> None:
     dest = Path(args.out) / "psf_tiny_procedural.safetensors"
     with atomic_write(dest, "wb") as f:
         f.write(save(half, metadata={"model": "psf_tiny", "stages": "flow,reflow,distill", "data": "procedural"}))
-    if not args.no_install:
+    if args.install:
         with atomic_write(TINY_WEIGHTS, "wb") as f:
             f.write(dest.read_bytes())
     print(f"done in {(time.time() - start) / 60:.1f} min; {dest} ({dest.stat().st_size / 1e6:.2f} MB, "
-          f"sha256 {sha256_file(dest)})" + ("" if args.no_install else f"; installed as {TINY_WEIGHTS}"))
+          f"sha256 {sha256_file(dest)})" + (f"; installed as {TINY_WEIGHTS}: set TINY_SHA256 in "
+                                            "models/psf/__init__.py to this digest" if args.install else ""))
 
 
 if __name__ == "__main__":

@@ -112,13 +112,23 @@ def test_export_fixed_batch_and_opset(tmp_path):
     r = json.loads((out / "export-report.json").read_text())["exports"][0]
     assert r["inputs"][0]["shape"] == [2, 3, 64, 64] and r["details"]["opset"] == 17 and not r["reparameterized"]
     assert [c["batch_size"] for c in r["comparisons"]] == [2]
+    import onnx
+
+    dims = onnx.load(str(out / "efficientformerv2_s0.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [2, 3, 64, 64]
+    # --dynamic-batch with --batch-size: traced and checked at 2, the batch left symbolic
+    dyn = tmp_path / "dyn"
+    assert main(["export", "efficientformerv2_s0", "--format", "onnx", "--out", str(dyn), "--img-size", "64",
+                 "--batch-size", "2", "--dynamic-batch", "--exporter", "torchscript", "--opset", "17"]) == 0
+    dims = onnx.load(str(dyn / "efficientformerv2_s0.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [3, 64, 64]
 
 
 @pytest.mark.parametrize("argv,message", [
     (["efficientvit_m9"], "no model named 'efficientvit_m9'"),
     (["efficientvit_m0", "--opset", "16"], "opsets 18-"),
     (["efficientvit_m0", "--img-size", "100"], "multiple of 16"),
-    (["efficientvit_m0", "--batch-size", "2", "--dynamic-batch"], "choose one"),
+    (["psf_tiny", "--img-size", "64"], "--img-size is for image models"),
 ])
 def test_export_errors_leave_the_output_folder_empty(argv, message, tmp_path, capsys):
     out = tmp_path / "out"

@@ -126,3 +126,8 @@ def test_export_psf_with_a_fixed_batch(tiny_ckpt, tmp_path):
     onnx_report = json.loads((out / "export-report.json").read_text())["exports"][0]
     assert onnx_report["inputs"][0]["shape"] == [2, 512, 3] and onnx_report["outputs"][0]["shape"] == [2, 512, 3]
     assert onnx_report["details"]["exporter"] == "torchscript" and onnx_report["comparisons"][0]["passed"]
+
+
+def test_evaluate_refuses_fewer_than_two_samples(capsys):
+    assert main(["evaluate", "psf_tiny", "--num", "1"]) == 2
+    assert "at least 2" in capsys.readouterr().err

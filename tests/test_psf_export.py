@@ -86,3 +86,21 @@ def test_psf_converts_to_coreml(tmp_path):
     assert report.inputs == [{"name": "noise", "kind": "tensor", "shape": [1, 128, 3], "dtype": "FLOAT32"}]
     assert report.outputs[0]["name"] == "points" and report.outputs[0]["shape"] == [1, 128, 3]
     assert (tmp_path / "psf.mlpackage").is_dir()
+
+
+def test_the_shipped_psf_tiny_weights_are_checked_by_sha256(tmp_path, monkeypatch):
+    from zoo import hub
+    from zoo.io import sha256_file
+
+    card = zoo.model_card("psf_tiny")
+    entry = card.weights["procedural"]
+    path = hub.fetch("psf_tiny", entry)
+    assert entry.sha256 and sha256_file(path) == entry.sha256
+    damaged = tmp_path / "weights" / path.name  # the same file in a package folder, one byte flipped
+    damaged.parent.mkdir()
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setattr(hub.resources, "files", lambda package: tmp_path)
+    with pytest.raises(zoo.WeightsError, match="sha256 of .* expected " + entry.sha256):
+        zoo.create_model("psf_tiny", pretrained=True)

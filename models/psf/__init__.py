@@ -82,12 +82,15 @@ for _cat in ("airplane", "chair", "car"):
 
 TINY_CONFIG = {"blocks": "tiny", "num_points": 512, "embed_dim": 32, "width_multiplier": 0.25,
                "voxel_resolution_multiplier": 0.5}
+# the shipped file's digest, checked before every load (benchmarks/train_psf_tiny.py --install
+# prints the new one to put here)
+TINY_SHA256 = "7ce6c88184951810ae798e6969700772d78734a83ecc721161676fc7754028f8"
 register_model(ModelCard(
     name="psf_tiny", family="psf", task="point-cloud-generation", paper=PAPER, builder=build_psf,
     config=TINY_CONFIG, input=InputSpec("point-noise", (512, 3)), layouts=LAYOUTS,
     weights={"procedural": WeightEntry(
         "procedural", "package:zoo.models.psf/weights/psf_tiny_procedural.safetensors", format="safetensors",
-        license="MIT", description="flow, reflow and distillation on zoo's procedural shapes "
+        sha256=TINY_SHA256, license="MIT", description="flow, reflow and distillation on zoo's procedural shapes "
                                    "(benchmarks/train_psf_tiny.py)")} if TINY_WEIGHTS.is_file() else {},
     default_tag="procedural" if TINY_WEIGHTS.is_file() else None,
     license="MIT",

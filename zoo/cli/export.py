@@ -19,8 +19,6 @@ def _cmd_export(args) -> int:
     from zoo.tables import format_table
 
     card = model_card(args.name)  # unknown names fail before anything is written
-    if args.batch_size is not None and args.dynamic_batch:
-        raise ConfigError("--batch-size fixes the batch; --dynamic-batch leaves it free: choose one.")
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1.")
     shape = None
@@ -40,7 +38,8 @@ def _cmd_export(args) -> int:
         for fmt in dict.fromkeys(args.format):
             if fmt == "onnx":
                 r = to_onnx(args.name, stage / f"{args.name}.onnx", pretrained=args.pretrained, input_shape=shape,
-                            opset=args.opset, dynamic_batch=args.batch_size is None, exporter=args.exporter,
+                            opset=args.opset, dynamic_batch=args.batch_size is None or args.dynamic_batch,
+                            exporter=args.exporter,
                             fp16=args.fp16, reparam=not args.no_reparam, verbose=False)
             else:
                 labels = args.class_labels
@@ -77,8 +76,11 @@ def register(sub) -> None:
     s.add_argument("--format", nargs="+", choices=("onnx", "coreml"), default=["onnx", "coreml"])
     s.add_argument("--out", required=True, help="output folder; files appear only when every export passed")
     s.add_argument("--img-size", type=int, default=None, help="square input side (default: the model's)")
-    s.add_argument("--batch-size", type=int, default=None, help="fixed batch size (default: dynamic for ONNX, 1 for CoreML)")
-    s.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension in ONNX (the default)")
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="trace and verify at this batch; it fixes the ONNX batch unless --dynamic-batch (default: "
+                        "batch 1, dynamic ONNX batch; CoreML always takes the traced batch)")
+    s.add_argument("--dynamic-batch", action="store_true",
+                   help="with --batch-size: keep the ONNX batch dimension symbolic (without it, it already is)")
     s.add_argument("--opset", type=int, default=18, help="ONNX opset (dynamo: 18+, torchscript: 7-20)")
     s.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
                    help="auto: the one the model names (PSF: torchscript), else dynamo")

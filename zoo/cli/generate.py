@@ -63,6 +63,9 @@ def _cmd_evaluate(args) -> int:
     from zoo.metrics import compute_all_metrics
     from zoo.tables import format_table
 
+    if args.num < 2:
+        raise ConfigError("--num must be at least 2: 1-NNA and coverage compare each cloud with the others, "
+                          "so one sample and one reference give a degenerate figure.")
     model = _generator(args)
     n = model.num_points
     if args.ref == "procedural":

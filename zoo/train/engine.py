@@ -301,6 +301,10 @@ class Engine:
                 ema_metrics = self.task.evaluate(self.ema.module)
                 eval_metrics = {**{f"raw_{k}": v for k, v in eval_metrics.items()}, **ema_metrics}
             metric = eval_metrics[self.task.eval_metric]
+            # the rate this epoch trained with (the mean over groups), read before the epoch's
+            # scheduler step, as timm's train.py writes it to summary.csv
+            groups = self.optimizer.param_groups
+            epoch_lr = sum(g["lr"] for g in groups) / len(groups)
             self.scheduler.step(epoch + 1, metric)
             improved = self.best is None or (
                 metric > self.best[self.task.eval_metric] if self.task.higher_is_better
@@ -314,7 +318,7 @@ class Engine:
                 from timm.utils import update_summary
 
                 update_summary(epoch, train_metrics, eval_metrics, str(self.out_dir / "summary.csv"),
-                               lr=self.optimizer.param_groups[0]["lr"], write_header=epoch == 0 or not
+                               lr=epoch_lr, write_header=epoch == 0 or not
                                (self.out_dir / "summary.csv").exists())
                 ckpt = self._checkpoint(epoch, metric, rngs)
                 self._save(ckpt, "last.pth.tar")
