@@ -91,21 +91,31 @@ def test_forward_intermediates_and_pruning_equal_timm(name, reference):
     assert all(rel_err(p, q) < 1e-5 for p, q in zip(a, b))
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_deploy_form_equals_timm_with_the_kernels_off_and_with_a_failed_probe(name, reference, monkeypatch,
-                                                                                kernels_reset):
+def _deployed(name: str, reference) -> tuple:
+    """(deploy form loaded with the reference weights, input, timm's output)."""
     ref, path, x = reference[name]
     with torch.no_grad():
         want = ref(x)
-    deployed = zoo.export.reparameterize(zoo.create_model(name, pretrained=str(path)))
-    used = []
-    real_linear = kernels.prepacked_linear
-    monkeypatch.setattr(kernels, "prepacked_linear", lambda *a, **k: used.append(1) or real_linear(*a, **k))
+    return zoo.export.reparameterize(zoo.create_model(name, pretrained=str(path))), x, want
+
+
+def _cached_kernels(model: torch.nn.Module) -> set:
+    """The kinds of fast-kernel data the model's layers built ("rows", "conv", "dense"...)."""
+    return {key[0] for m in model.modules() for key in m.__dict__.get("_kernel_cache", {})}
+
+
+ONEDNN_KINDS = {"rows", "conv", "linear"}  # what only the oneDNN paths build
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deploy_form_equals_timm_with_the_kernels_off_and_with_a_failed_probe(name, reference, monkeypatch,
+                                                                                kernels_reset):
+    deployed, x, want = _deployed(name, reference)
     monkeypatch.setenv("ZOO_CPU_KERNELS", "0")
     kernels.reset_cpu_kernels()
     with torch.inference_mode():
         assert rel_err(deployed(x), want) < 1e-5
-    assert not used and not kernels.cpu_kernels_enabled()
+    assert not kernels.cpu_kernels_enabled() and not _cached_kernels(deployed)  # stock ops only
     monkeypatch.delenv("ZOO_CPU_KERNELS")
     monkeypatch.setattr(kernels, "probe_onednn", lambda: (False, "forced to fail by the test"))
     kernels.reset_cpu_kernels()
@@ -113,33 +123,23 @@ def test_deploy_form_equals_timm_with_the_kernels_off_and_with_a_failed_probe(na
         assert not kernels.onednn_enabled()
     with torch.inference_mode():
         assert rel_err(deployed(x), want) < 1e-5
-    assert not used
+    assert not _cached_kernels(deployed) & ONEDNN_KINDS
 
 
 @pytest.mark.parametrize("name", ["efficientvit_m0", "efficientformer_l1", "efficientformerv2_s0"])
-def test_deploy_form_equals_timm_with_the_kernels_on_and_they_are_used(name, reference, monkeypatch,
-                                                                       kernels_reset):
+def test_deploy_form_equals_timm_with_the_kernels_on_and_they_are_used(name, reference, kernels_reset):
     if not kernels.probe_onednn()[0]:
         pytest.skip("oneDNN's fused ops do not pass the probe on this build")
-    ref, path, x = reference[name]
-    with torch.no_grad():
-        want = ref(x)
-    deployed = zoo.export.reparameterize(zoo.create_model(name, pretrained=str(path)))
-    used = []
-    real_linear = kernels.prepacked_linear
-    monkeypatch.setattr(kernels, "prepacked_linear", lambda *a, **k: used.append(1) or real_linear(*a, **k))
+    deployed, x, want = _deployed(name, reference)
     with torch.inference_mode():
         assert rel_err(deployed(x), want) < 1e-5
-    assert used and kernels.onednn_enabled()
+    assert kernels.onednn_enabled() and _cached_kernels(deployed) & ONEDNN_KINDS
 
 
 def test_a_kernel_that_fails_later_falls_back_in_that_layer_with_one_warning(reference, monkeypatch, kernels_reset):
     if not kernels.probe_onednn()[0]:
         pytest.skip("oneDNN's fused ops do not pass the probe on this build")
-    ref, path, x = reference["efficientformer_l1"]
-    with torch.no_grad():
-        want = ref(x)
-    deployed = zoo.export.reparameterize(zoo.create_model("efficientformer_l1", pretrained=str(path)))
+    deployed, x, want = _deployed("efficientformer_l1", reference)
     assert kernels.onednn_enabled()
 
     def broken(*args):
