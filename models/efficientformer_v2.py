@@ -57,7 +57,7 @@ from zoo.models.cpu_kernels import add_
 from zoo.models.image_model import image_cfg
 from zoo.models.layers import ChannelAffine, ConvNorm, bias_index, densify_bias, timm_converter
 from zoo.nn import fold_scale_into_out_channels
-from zoo.registry import IMAGENET_MEAN, IMAGENET_STD, InputSpec, Metric, ModelCard, Paper, register_model
+from zoo.registry import Metric, ModelCard, Paper, register_model
 
 __all__ = ["EfficientFormerV2", "convert_official", "convert_timm"]
 

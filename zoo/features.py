@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["FeatureNet", "features_only"]
+__all__ = ["features_only"]
 
 
 def features_only(model: nn.Module, out_indices) -> nn.Module:

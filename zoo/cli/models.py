@@ -19,8 +19,6 @@ def _cmd_list(args) -> int:
 
     names = list_models(args.pattern, task=args.task)
     if args.format == "json":
-        from zoo.registry import model_card
-
         print(json.dumps([_card_with_complexity(n) for n in names], indent=2))
     elif args.format == "names":
         print("\n".join(names))
@@ -30,8 +28,6 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from zoo.registry import model_card
-
     print(json.dumps(_card_with_complexity(args.name), indent=2))
     return 0
 
