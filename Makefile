@@ -1,5 +1,5 @@
 # `make test` and `make demo` build .venv from constraints.txt when it is missing (or when
-# pyproject.toml / constraints.txt changed), install the project editable, then run.
+# pyproject.toml / constraints.txt changed), install the project editable with every extra, then run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[all,test]"
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from zoo.errors import ConfigError, ExportError
+from zoo.errors import ConfigError, ExportError, require
 from zoo.export.files import file_record, make_stage, publish_verified
 from zoo.export.report import ExportReport, compare
 from zoo.export.target import ExportTarget, prepare_target
@@ -53,7 +53,8 @@ def import_coremltools():
             warnings.simplefilter("ignore")
             import coremltools as ct
     except ImportError:
-        raise ExportError("CoreML export needs coremltools: pip install 'coremltools>=9'.") from None
+        require("coremltools", "export", "CoreML export")  # raises, naming the extra
+        raise
     return ct
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from zoo.errors import ConfigError, ExportError
+from zoo.errors import ConfigError, ExportError, require
 from zoo.export.files import file_record, make_stage, publish_verified
 from zoo.export.report import ExportReport, compare
 from zoo.export.target import ExportTarget, prepare_target
@@ -114,7 +114,7 @@ def _check_opset(exporter: str, opset: int) -> None:
 
 def _export(target: ExportTarget, path: Path, opset: int, dynamic: bool, exporter: str, fp16: bool,
             verify: bool) -> ExportReport:
-    import onnx
+    onnx = require("onnx", "export", "ONNX export")
 
     module, precision = target.module, "fp16" if fp16 else "fp32"
     batch = 2 if dynamic else target.inputs[0].shape[0]
@@ -204,7 +204,7 @@ def _pin_output_dims(proto, shapes: list[tuple[int, ...]]) -> bool:
 
 
 def _compare_in_onnxruntime(target: ExportTarget, path: Path, report: ExportReport, batches, fp16: bool) -> None:
-    import onnxruntime as ort
+    ort = require("onnxruntime", "export", "checking an ONNX export")
 
     try:
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -222,7 +222,7 @@ def _compare_in_onnxruntime(target: ExportTarget, path: Path, report: ExportRepo
 
 
 def _value_infos(values) -> list[dict]:
-    import onnx
+    onnx = require("onnx", "export", "ONNX export")
 
     out = []
     for v in values:

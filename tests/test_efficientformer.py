@@ -2,17 +2,14 @@
 official layouts; deploy form; other input sizes; export."""
 from __future__ import annotations
 
-import itertools
-import math
-
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 import zoo
 from zoo.models.layers import bias_index
+from tests.helpers import load_in_both_layouts, official_downsample_index, to_official
 from zoo.testing import randomize_, rel_err
 
 V1 = ["efficientformer_l1", "efficientformer_l3", "efficientformer_l7"]
@@ -25,98 +22,6 @@ PAPER = {
     "efficientformerv2_s0": (3.6, 0.40), "efficientformerv2_s1": (6.2, 0.65),
     "efficientformerv2_s2": (12.7, 1.25), "efficientformerv2_l": (26.3, 2.56),
 }
-
-
-def official_downsample_index(res: int) -> torch.Tensor:
-    """``Attention4DDownsample``'s index as the official code builds it (dict of first appearance)."""
-    res2 = math.ceil(res / 2)
-    step = math.ceil(res / res2)
-    seen: dict = {}
-    return torch.tensor([
-        [seen.setdefault((abs(p[0] * step - q[0]), abs(p[1] * step - q[1])), len(seen))
-         for q in itertools.product(range(res), range(res))]
-        for p in itertools.product(range(res2), range(res2))
-    ])
-
-
-def v1_to_official(sd: dict) -> dict:
-    """Write a timm-layout EfficientFormer (V1) state dict as the official release does."""
-    stem = {"conv1": "0", "norm1": "1", "conv2": "3", "norm2": "4"}
-    out = {}
-    for key, v in sd.items():
-        p = key.split(".")
-        if p[0] == "stem":
-            p = ["patch_embed", stem[p[1]], p[2]]
-        elif p[0] == "stages":
-            i = int(p[1])
-            if p[2] == "downsample":
-                p = ["network", str(2 * i - 1), {"conv": "proj", "norm": "norm"}[p[3]], p[4]]
-            else:
-                p = ["network", str(2 * i)] + p[3:]
-            if p[-1] == "gamma":
-                p = p[:-2] + [f"layer_scale_{p[-2][-1]}"]
-        elif p[0] == "head_dist":
-            p[0] = "dist_head"
-        out[".".join(p)] = v.clone()
-    return {"model": out}
-
-
-def v2_to_official(sd: dict) -> dict:
-    """Write a timm-layout EfficientFormerV2 state dict as the official release does."""
-    stem = {("conv1", "conv"): "0", ("conv1", "bn"): "1", ("conv2", "conv"): "3", ("conv2", "bn"): "4"}
-    seq = {"conv": "0", "bn": "1"}
-    mlp = {("fc1", "conv"): "fc1", ("fc1", "bn"): "norm1", ("mid", "conv"): "mid", ("mid", "bn"): "mid_norm",
-           ("fc2", "conv"): "fc2", ("fc2", "bn"): "norm2"}
-
-    def attention(p: list[str]) -> list[str]:
-        if p[0] == "q" and p[1] == "local":
-            return ["q", "local", "0", p[-1]]
-        if p[0] == "q" and p[1] == "proj":
-            return ["q", "proj", seq[p[2]], p[-1]]
-        if p[0] == "proj":
-            return ["proj", {"conv": "1", "bn": "2"}[p[1]], p[-1]]
-        if p[0] in ("q", "k", "v", "v_local", "stride_conv"):
-            return [p[0], seq[p[1]], p[-1]]
-        return p
-
-    out = {}
-    for key, v in sd.items():
-        p = key.split(".")
-        v = v.clone()
-        if p[0] == "stem":
-            p = ["patch_embed", stem[(p[1], p[2])], p[3]]
-        elif p[0] == "stages":
-            i = int(p[1])
-            if p[2] == "downsample":
-                net = ["network", str(2 * i - 1)]
-                if p[3] == "conv":
-                    names = ("conv", "bn") if i == 3 else ("proj", "norm")
-                    p = net + [names[p[4] == "bn"], p[5]]
-                else:
-                    p = net + ["attn"] + attention(p[4:])
-            else:
-                net = ["network", str(2 * i), p[3]]
-                rest = p[4:]
-                if rest[-1] == "gamma":
-                    p, v = net + [f"layer_scale_{rest[0][-1]}"], v.view(-1, 1, 1)
-                elif rest[0] == "mlp":
-                    p = net + ["mlp", mlp[(rest[1], rest[2])], rest[-1]]
-                else:
-                    p = net + ["token_mixer"] + attention(rest[1:])
-        elif p[0] == "head_dist":
-            p[0] = "dist_head"
-        out[".".join(p)] = v
-    # the official modules keep their bias index as a persistent buffer
-    for k in [k for k in out if k.endswith("attention_biases")]:
-        n = out[k].shape[1]
-        res = round(n**0.5)
-        idx = official_downsample_index(res) if ".attn." in k else bias_index(res)
-        out[k.replace("attention_biases", "attention_bias_idxs")] = idx
-    return {"model": out}
-
-
-def to_official(name: str, sd: dict) -> dict:
-    return v1_to_official(sd) if name in V1 else v2_to_official(sd)
 
 
 @pytest.fixture(scope="module")
@@ -160,12 +65,7 @@ def test_same_weights_same_outputs_as_timm_in_both_layouts_and_deployed(name, ti
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(x)
-    timm_file = tmp_path / "timm.safetensors"
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, timm_file)
-    official_file = tmp_path / "official.pth"
-    torch.save(to_official(name, ref.state_dict()), official_file)
-    for path in (timm_file, official_file):
-        model = zoo.create_model(name, pretrained=str(path))
+    for path, model in load_in_both_layouts(name, ref, tmp_path):
         with torch.no_grad():
             assert rel_err(model(x), expected) < 1e-5, path.name
     deployed = zoo.export.reparameterize(model)

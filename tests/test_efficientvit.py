@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
 
 import zoo
+from tests.helpers import efficientvit_to_official, load_in_both_layouts, official_index
 from zoo.testing import randomize_, rel_err
 from zoo.models.layers import bias_index
 
@@ -16,37 +16,6 @@ VARIANTS = [f"m{i}" for i in range(6)]
 PAPER = {"m0": (2.3, 79), "m1": (3.0, 167), "m2": (4.2, 201), "m3": (6.9, 263), "m4": (8.8, 299), "m5": (12.4, 522)}
 
 
-def official_index(res: int) -> torch.Tensor:
-    """The official code's bias index, computed here independently of the model module."""
-    pts = [(i, j) for i in range(res) for j in range(res)]
-    seen: dict = {}
-    return torch.tensor(
-        [[seen.setdefault((abs(a[0] - b[0]), abs(a[1] - b[1])), len(seen)) for b in pts] for a in pts]
-    )
-
-
-def to_official(sd: dict) -> dict:
-    """Write a timm-layout state dict in the official release's layout (checkpoint['model'])."""
-    out = {}
-    for key, v in sd.items():
-        parts = key.split(".")
-        if parts[0] == "patch_embed":  # patch_embed.convN -> patch_embed.{0,2,4,6}
-            parts[1] = str((int(parts[1][len("conv"):]) - 1) * 2)
-        elif parts[0] == "stages":
-            s = int(parts[1])
-            if parts[2] == "downsample":
-                idx = {"res1": 0, "patchmerge": 1, "res2": 2}[parts[3]]
-            else:
-                idx = int(parts[3]) + (3 if s > 0 else 0)
-            parts = [f"blocks{s + 1}", str(idx)] + parts[4:]
-        parts = ["c" if p == "conv" else "l" if p == "linear" else p for p in parts]
-        out[".".join(parts)] = v.clone()
-    for k in [k for k in out if k.endswith("attention_biases")]:
-        res = round(out[k].shape[1] ** 0.5)
-        out[k.replace("attention_biases", "attention_bias_idxs")] = official_index(res)
-    return {"model": out}
-
-
 @pytest.fixture(scope="module")
 def timm_models():
     """Each variant in timm with random weights, BN statistics and attention biases."""
@@ -54,7 +23,7 @@ def timm_models():
 
 
 def test_official_layout_keys_match_the_official_module_tree(timm_models):
-    keys = set(to_official(timm_models["m0"].state_dict())["model"])
+    keys = set(efficientvit_to_official(timm_models["m0"].state_dict())["model"])
     # Names read off the official model definition (Sequential indices, Conv2d_BN 'c'/'bn', BN_Linear 'l').
     for k in [
         "patch_embed.0.c.weight", "patch_embed.6.bn.running_var", "blocks1.0.dw0.m.c.weight",
@@ -72,12 +41,7 @@ def test_same_weights_same_outputs_as_timm(variant, timm_models, tmp_path):
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = ref(x)
-    timm_file = tmp_path / "timm.safetensors"
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, timm_file)
-    official_file = tmp_path / "official.pth"
-    torch.save(to_official(ref.state_dict()), official_file)
-    for path in (timm_file, official_file):
-        model = zoo.create_model(f"efficientvit_{variant}", pretrained=str(path))
+    for path, model in load_in_both_layouts(f"efficientvit_{variant}", ref, tmp_path):
         assert model.pretrained_cfg["tag"] == str(path)
         with torch.no_grad():
             assert rel_err(model(x), expected) < 1e-5, path.name

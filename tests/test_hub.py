@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 import zoo
 from zoo.testing import randomize_
-from tests.test_efficientvit import official_index, to_official
+from tests.helpers import efficientvit_to_official as to_official
+from tests.helpers import official_index
 from zoo import hub, registry
 from zoo.hub import WeightEntry
 from zoo.io import sha256_file

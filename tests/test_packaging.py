@@ -43,3 +43,38 @@ def test_wheel_installs_and_imports_outside_the_repo(tmp_path):
     assert all(line.startswith(str(site)) for line in lines[:3]), lines
     assert lines[3] == "6"
     assert lines[4] == "1"  # zoo.render is packaged whole and rasterizes
+
+
+def test_loading_a_model_needs_none_of_the_export_or_3d_extras():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    core = " ".join(project["dependencies"]).lower()
+    for heavy in ("coremltools", "onnxruntime", "onnxscript", "onnx", "scipy"):
+        assert heavy not in core, heavy
+    extras = project["optional-dependencies"]
+    assert {"export", "3d", "all"} <= set(extras)
+    # and a model really loads, runs and deploys with those packages unimportable
+    blocked = ["coremltools", "onnxruntime", "onnxscript", "onnx", "scipy"]
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); "
+            "import torch, zoo; m = zoo.create_model('efficientvit_m0'); d = zoo.export.reparameterize(m); "
+            "print(tuple(d(torch.randn(1, 3, 224, 224)).shape))")
+    out = subprocess.run([sys.executable, "-c", code], cwd="/", capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "(1, 1000)"
+
+
+def test_a_missing_extra_is_a_zoo_error_naming_the_install(tmp_path, monkeypatch):
+    import pytest
+    import torch
+
+    import zoo
+    from zoo.metrics import emd
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+    with pytest.raises(zoo.ZooError, match=r'pip install "zoo\[export\]"'):
+        zoo.export.to_onnx("efficientvit_m0", tmp_path / "m.onnx", verbose=False)
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setitem(sys.modules, "scipy.optimize", None)
+    with pytest.raises(zoo.ZooError, match=r'pip install "zoo\[3d\]"'):
+        emd(torch.randn(1, 8, 3), torch.randn(1, 8, 3), exact=True)

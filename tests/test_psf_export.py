@@ -12,7 +12,7 @@ import zoo
 from zoo.export import to_onnx
 from zoo.models.psf import PSF
 from zoo.models.psf import point_ops as P
-from tests.test_psf_model import tiny_config
+from tests.helpers import tiny_config
 
 ort = pytest.importorskip("onnxruntime")
 

@@ -7,6 +7,7 @@ import torch
 
 from zoo.models.psf import PVCNN2, PVCNN2Config
 from zoo.models.psf import point_ops as P
+from tests.helpers import tiny_config
 
 
 def cloud(b=2, n=64, seed=0):
@@ -107,14 +108,6 @@ def test_pvcnn2_has_pvd_structure_and_keys():
     assert m.state_dict()["fp_layers.3.0.mlp.layers.0.weight"].shape[1] == 128 + 0 + 64
     assert m.state_dict()["sa_layers.1.0.voxel_layers.0.weight"].shape[1] == 64 + 64  # features + time
     assert m.state_dict()["classifier.2.weight"].shape == (3, 128, 1)
-
-
-def tiny_config():
-    return PVCNN2Config(num_points=128, embed_dim=16, width_multiplier=0.25,
-                        voxel_resolution_multiplier=0.25,
-                        sa_blocks=(((32, 2, 32), (64, 0.2, 16, (32, 64))), ((64, 3, 16), (16, 0.4, 16, (64, 128))),
-                                   (None, (4, 0.8, 8, (128, 128, 256)))),
-                        fp_blocks=(((128, 128), (128, 1, 8)), ((128, 64), (64, 1, 16)), ((64, 64, 32), (32, 1, 32))))
 
 
 def test_tiny_pvcnn2_forward_backward_and_time_conditioning():

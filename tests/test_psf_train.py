@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from tests.test_psf_model import tiny_config
+from tests.helpers import tiny_config
 from zoo.errors import ConfigError, DataError
 from zoo.metrics import chamfer_distance
 from zoo.models.psf.flow import OneStepGenerator, flow_loss, sample_euler, sample_rk45

@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from zoo.errors import ConfigError, UnknownModelError
+from zoo.errors import ConfigError, UnknownModelError, require
 
 __all__ = ["BenchmarkResult", "benchmark", "expand_names", "BACKENDS"]
 
@@ -124,7 +124,7 @@ def _torch_runner(model, x, device: str, dtype: str, channels_last: bool) -> Cal
 
 
 def _ort_runner(model, x, threads: int, folder: Path, tag: str, reparam: bool) -> Callable:
-    import onnxruntime as ort
+    ort = require("onnxruntime", "export", "the onnxruntime backend")
 
     from zoo.export import to_onnx
 

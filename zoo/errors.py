@@ -16,6 +16,8 @@ __all__ = [
     "ExportError",
     "DataError",
     "RenderError",
+    "MissingExtraError",
+    "require",
     "closest",
 ]
 
@@ -49,6 +51,24 @@ class DataError(ZooError):
 
 class RenderError(ZooError, ValueError):
     """Tensors that `zoo.render` cannot rasterize or shade (shape, dtype, device, backend)."""
+
+
+class MissingExtraError(ZooError, ImportError):
+    """An optional dependency that this use needs is not installed."""
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import `module` (an optional dependency) or raise `MissingExtraError` naming the
+    ``pip install "zoo[<extra>]"`` that brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingExtraError(
+            f"{purpose} needs {module.split('.')[0]}, which is not installed: pip install \"zoo[{extra}]\" "
+            f"(or \"zoo[all]\")."
+        ) from e
 
 
 def closest(name: str, candidates: Iterable[str], n: int = 5) -> list[str]:

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from zoo.errors import require
+
 __all__ = ["flow_loss", "sample_euler", "sample_rk45", "OneStepGenerator"]
 
 
@@ -64,7 +66,7 @@ def sample_rk45(model: nn.Module, x0: torch.Tensor, rtol: float = 1e-5, atol: fl
     Starts at ``t0 = 1e-3`` as the rectified-flow reference code does. The state is flattened
     to float64 for scipy; the network runs in ``x0``'s dtype and device.
     """
-    from scipy.integrate import solve_ivp  # noqa: PLC0415
+    solve_ivp = require("scipy.integrate", "3d", "adaptive RK45 sampling").solve_ivp
 
     shape, device, dtype = x0.shape, x0.device, x0.dtype
     nfe = 0

@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from zoo.errors import DataError
+from zoo.errors import DataError, require
 
 __all__ = ["chamfer_distance", "emd", "pairwise_distances", "mmd_cov", "one_nna", "jsd",
            "compute_all_metrics"]
@@ -74,7 +74,7 @@ def chamfer_distance(x: torch.Tensor, y: torch.Tensor, squared: bool = True,
 
 
 def _emd_exact(cost: torch.Tensor) -> torch.Tensor:
-    from scipy.optimize import linear_sum_assignment  # noqa: PLC0415 - scipy only when asked
+    linear_sum_assignment = require("scipy.optimize", "3d", "exact EMD").linear_sum_assignment
 
     vals = []
     for c in cost:
@@ -180,7 +180,7 @@ def one_nna(d_rr: torch.Tensor, d_rs: torch.Tensor, d_ss: torch.Tensor) -> float
 
 
 def _occupancy(clouds: np.ndarray, resolution: int) -> np.ndarray:
-    from scipy.spatial import cKDTree  # noqa: PLC0415
+    cKDTree = require("scipy.spatial", "3d", "JSD").cKDTree
 
     axis = np.arange(resolution) / (resolution - 1) - 0.5
     grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
@@ -191,7 +191,7 @@ def _occupancy(clouds: np.ndarray, resolution: int) -> np.ndarray:
 
 def jsd(samples: torch.Tensor, refs: torch.Tensor, resolution: int = 28) -> float:
     """Jensen-Shannon divergence (base 2) of the two sets' occupancy histograms (module docstring)."""
-    from scipy.stats import entropy  # noqa: PLC0415
+    entropy = require("scipy.stats", "3d", "JSD").entropy
 
     p = _occupancy(samples.detach().cpu().double().numpy(), resolution)
     q = _occupancy(refs.detach().cpu().double().numpy(), resolution)
