@@ -18,14 +18,22 @@ from pathlib import Path
 import zoo
 from zoo.benchmark import expand_names
 from zoo.cli import main as zoo_main
-from zoo.tables import format_table
+from zoo.tables import format_table, results_file
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "export_all.md"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", default=None)
     p.add_argument("--out", default="export-all")
+    p.add_argument("--results", default=str(RESULTS), help="results file (default docs/results/export_all.md); '' for none")
     args = p.parse_args()
+    with results_file(args.results or None, "ONNX and CoreML export of every image model"):
+        return run(args)
+
+
+def run(args) -> int:
     names = expand_names(args.names) if args.names else zoo.list_models(task="image-classification")
     rows, failed = [], []
     for name in names:

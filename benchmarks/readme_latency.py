@@ -1,26 +1,32 @@
-"""The README's CPU latency table: every image model in timm eager, zoo deploy form and onnxruntime.
+"""CPU latency of every image model against what a user would pick instead; writes docs/results/latency_cpu.md.
 
-    .venv/bin/python benchmarks/readme_latency.py [--threads 2] [--reps 100] [NAME_OR_FAMILY ...]
+    .venv/bin/python benchmarks/readme_latency.py [--threads 2] [--reps 100] [--no-compile] [NAME_OR_FAMILY ...]
 
-One `zoo.benchmark` run per backend (``torch``, then ``onnxruntime``), each with
-``compare="timm"``: timm's model of the same name gets the same random weights and is timed
-interleaved with ours. Prints a markdown table (batch 1, fp32, the models' default input);
-``zoo benchmark NAMES --backend torch onnxruntime --compare timm`` gives the same figures
-as a long table. Not a test: nothing here asserts on time.
+One `zoo.benchmark` run (``compare="timm"`` on the torch backend, every peer): timm's model of
+the same name gets the same random weights, the outputs are checked to agree, and in one
+process, interleaved round by round, it times
+
+- zoo's deploy form in eager PyTorch (the CPU kernels of `zoo.models.cpu_kernels`);
+- timm eager (the 1.00 of every ratio);
+- timm through ``torch.jit.freeze`` + ``optimize_for_inference``;
+- timm under ``torch.compile`` with inductor freezing (compile time printed apart);
+- onnxruntime on timm's export, and on zoo's.
+
+Batch 1, fp32, the models' default input. Not a test: nothing here asserts on time.
 """
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
-
-import onnxruntime
-import timm
-import torch
+from pathlib import Path
 
 import zoo
-from zoo.benchmark import benchmark, expand_names
-from zoo.tables import format_table, human_count
+from zoo.benchmark import benchmark, expand_names, has_cxx_compiler
+from zoo.tables import format_table, human_count, results_file
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "latency_cpu.md"
+COLUMNS = (("zoo deploy", None), ("timm jit.freeze", "jit"), ("timm compile+freeze", "compile"),
+           ("ORT on timm's export", "ort"), ("ORT on zoo's export", "zoo-ort"))
 
 
 def main() -> None:
@@ -29,24 +35,35 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (about a minute per model)")
+    p.add_argument("--out", default=str(RESULTS), help="results file (default docs/results/latency_cpu.md); '' for none")
     args = p.parse_args()
     names = expand_names(args.names) if args.names else zoo.list_models(task="image-classification")
-    kw = dict(threads=args.threads, compare="timm", reps=args.reps, warmup=args.warmup,
-              progress=lambda r: print(f"  {r.model} {r.backend}: {r.median_ms:.2f} ms, timm {r.peer_median_ms:.2f} ms",
-                                       file=sys.stderr))
-    eager = {r.model: r for r in benchmark(names, backend="torch", **kw)}
-    ort = {r.model: r for r in benchmark(names, backend="onnxruntime", **kw)}
-    rows = []
-    for name in eager:
-        e, o = eager[name], ort[name]
-        rows.append((name, human_count(e.params), human_count(e.macs), f"{e.peer_median_ms:.2f}",
-                     f"{e.median_ms:.2f}", f"{e.ratio:.2f}", f"{o.peer_median_ms:.2f}", f"{o.median_ms:.2f}",
-                     f"{o.ratio:.2f}"))
-    print(f"<!-- {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}, "
-          f"timm {timm.__version__}, onnxruntime {onnxruntime.__version__}; median of {args.reps} interleaved "
-          "rounds, batch 1, fp32 -->")
-    print(format_table(rows, ("model", "params", "MACs", "timm eager ms", "zoo deploy ms", "zoo / timm",
-                              "ORT timm ms", "ORT zoo ms", "ORT zoo / timm"), "markdown"))
+    peers = ["eager", "jit", "ort", "zoo-ort"] + ([] if args.no_compile or not has_cxx_compiler() else ["compile"])
+    with results_file(args.out or None, "CPU latency: zoo's deploy form against timm's deployment routes"):
+        results = benchmark(names, backend="torch", threads=args.threads, compare="timm", reps=args.reps,
+                            warmup=args.warmup, peers=peers,
+                            progress=lambda r: print(f"  {r.model}: zoo {r.median_ms:.2f} ms, timm {r.peer_median_ms:.2f} ms",
+                                                     file=sys.stderr))
+        rows = []
+        for r in results:
+            cells = [r.model, human_count(r.params), human_count(r.macs), f"{r.peer_median_ms:.2f}"]
+            for _, kind in COLUMNS:
+                if kind is None:
+                    cells.append(f"{r.median_ms / r.peer_median_ms:.2f}")
+                else:
+                    o = r.others.get(kind)
+                    cells.append(f"{o['median_ms'] / r.peer_median_ms:.2f}" if o else "not run")
+            rows.append(cells)
+        print(f"Batch 1, fp32, 224x224, {results[0].threads} threads; median of {args.reps} interleaved rounds after "
+              f"{args.warmup} warm-up calls. Each route's time as a ratio to timm eager (1.00; below 1 is faster), "
+              "all from the same process and the same weights.\n")
+        print(format_table(rows, ["model", "params", "MACs", "timm eager ms"] + [c for c, _ in COLUMNS], "markdown"))
+        compiled = [f"{r.model} {r.others['compile']['setup_s']:.0f} s" for r in results if "compile" in r.others]
+        if compiled:
+            print("\ntorch.compile time (not in the medians): " + ", ".join(compiled) + ".")
+        worst = max(max([r.max_rel_diff] + [o["max_rel_diff"] for o in r.others.values()]) for r in results)
+        print(f"\nEvery route's output agrees with zoo's deploy form to a relative {worst:.1e} or better.")
 
 
 if __name__ == "__main__":

@@ -6,20 +6,22 @@ Times the torch backend's ``rasterize`` and ``interpolate`` (vertex normals, 3 c
 ``res x res``, batch 1, and their backward pass. On a CUDA device with nvdiffrast installed,
 nvdiffrast runs the same calls in the same process, interleaved, and the ratio
 torch / nvdiffrast is printed. On CPU there is no peer to run (nvdiffrast is CUDA-only and
-PyTorch3D has no wheel here): the issue's goal, 50 ms for rasterize + interpolate on 2
-cores, is printed beside the figure instead. Not a test: nothing asserts on time.
+PyTorch3D has no wheel here). Writes docs/results/render_speed_<device>.md. Not a test:
+nothing asserts on time.
 """
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 import zoo.render as R
-from zoo.tables import format_table
+from zoo.tables import format_table, results_file
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
 def scene(device):
@@ -58,7 +60,15 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None,
+                   help="results file (default docs/results/render_speed_<device>.md); '' for none")
     args = p.parse_args()
+    out = args.out if args.out is not None else str(RESULTS / f"render_speed_{torch.device(args.device).type}.md")
+    with results_file(out or None, f"Rasterize + interpolate speed on {args.device}"):
+        run(args)
+
+
+def run(args) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     pos, tri, attr = scene(device)
@@ -79,16 +89,11 @@ def main() -> None:
         row = [label, f"{vals['torch']:.1f}"]
         if "nvdiffrast" in vals:
             row += [f"{vals['nvdiffrast']:.2f}", f"{vals['torch'] / vals['nvdiffrast']:.1f}"]
-        elif len(ks) == 2 and device.type == "cpu":
-            row += ["goal 50.0", f"{vals['torch'] / 50.0:.2f} of goal"]
-        else:
-            row += ["", ""]
         rows.append(row)
-    print(f"<!-- {platform.processor() or platform.machine()} {device.type}, {args.threads} threads, "
-          f"torch {torch.__version__}; {tri.shape[0]} triangles at {args.res}x{args.res}, "
-          f"{covered:.0%} of pixels covered; median of {args.reps} -->")
-    peer = "nvdiffrast ms" if len(backends) > 1 else "peer"
-    print(format_table(rows, ("stage", "zoo torch ms", peer, "ratio"), "markdown"))
+    print(f"{tri.shape[0]} triangles at {args.res}x{args.res} on {device.type}, {args.threads} threads, "
+          f"{covered:.0%} of pixels covered; median of {args.reps} after {args.warmup} warm-up rounds.\n")
+    headers = ("stage", "zoo torch ms") + (("nvdiffrast ms", "torch / nvdiffrast") if len(backends) > 1 else ())
+    print(format_table(rows, headers, "markdown"))
 
 
 if __name__ == "__main__":

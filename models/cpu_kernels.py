@@ -29,6 +29,7 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 __all__ = [
     "cpu_kernels_enabled",
@@ -54,8 +55,10 @@ ENV_VAR = "ZOO_CPU_KERNELS"
 
 
 def _graph_capture() -> bool:
-    """True while tracing, scripting, compiling or exporting: then only standard ops are used."""
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+    """True while tracing (jit or fx), scripting, compiling or exporting: then only standard
+    ops are used, and no decision looks at a tensor."""
+    return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+            or is_fx_symbolic_tracing())
 
 
 # --- switches and the probe --------------------------------------------------------------
@@ -194,12 +197,16 @@ def onednn_applies(layer: nn.Module, x: torch.Tensor) -> bool:
 
 def add_(branch: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``x + branch``, written into `branch` (a fresh intermediate) when `can_write_inplace`."""
+    if torch.jit.is_scripting():  # TorchScript compiles only this branch
+        return x + branch
     return branch.add_(x) if can_write_inplace(branch) and branch.shape == x.shape else x + branch
 
 
 def mul_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """``a + b * c``: one fused ``addcmul`` in eager mode; plain mul and add in captured graphs,
     because CoreML has no ``addcmul``."""
+    if torch.jit.is_scripting():
+        return a + b * c
     return a + b * c if _graph_capture() else torch.addcmul(a, b, c)
 
 

@@ -37,7 +37,6 @@ linears), the pooling mixer computed as ``(1 - ls1) * x + ls1 * pool(x)``, the a
 scale folded into the query weights, bias tables expanded once into dense tensors, and the two
 classifiers merged into one linear (their average). Neither the official code nor timm has one.
 """
-from __future__ import annotations
 
 import re
 from typing import Sequence
@@ -94,15 +93,21 @@ class Attention(nn.Module):
             [self.key_dim, self.key_dim, self.val_dim], dim=3
         )
         if self.deployed:
-            attn = torch.baddbmm(
-                self.attention_bias_dense.expand(b, -1, -1, -1).reshape(b * self.num_heads, n, n),
-                q.reshape(b * self.num_heads, n, -1),
-                k.reshape(b * self.num_heads, n, -1).transpose(1, 2),
-            ).view(b, self.num_heads, n, n)
+            attn = self._deploy_scores(q, k)
         else:
             attn = (q @ k.transpose(-2, -1)) * self.scale + self.attention_biases[:, self.attention_bias_idxs]
         x = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, -1)
         return self.proj(x)
+
+    @torch.jit.unused  # the deploy form is eager and exported, never scripted
+    def _deploy_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``q k^T + bias`` with the scale folded into q and the dense bias, in one product."""
+        b, _, n, _ = q.shape
+        return torch.baddbmm(
+            self.attention_bias_dense.expand(b, -1, -1, -1).reshape(b * self.num_heads, n, n),
+            q.reshape(b * self.num_heads, n, -1),
+            k.reshape(b * self.num_heads, n, -1).transpose(1, 2),
+        ).view(b, self.num_heads, n, n)
 
     @torch.no_grad()
     def fuse(self) -> "Attention":
@@ -169,16 +174,20 @@ class MetaBlock2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.deployed:
-            # x + g * (pool(x) - x) == (1 - g) * x + g/k^2 * boxsum(x) * k^2/count, the box sum a
-            # depthwise conv (several times faster than avg_pool2d on the CPU).
-            q = self.pool_conv(x)
-            if can_write_inplace(q):
-                x = q.mul_(self._recount(x)).addcmul_(x, self.keep)
-            else:
-                x = mul_add(x * self.keep, q, self._recount(x))
-            return add_(self.mlp(x), x)
+            return self._forward_deploy(x)
         x = x + self.drop_path1(self.ls1(self.token_mixer(x)))
         return x + self.drop_path2(self.ls2(self.mlp(x)))
+
+    @torch.jit.unused  # the deploy form is eager and exported, never scripted
+    def _forward_deploy(self, x: torch.Tensor) -> torch.Tensor:
+        # x + g * (pool(x) - x) == (1 - g) * x + g/k^2 * boxsum(x) * k^2/count, the box sum a
+        # depthwise conv (faster than avg_pool2d on the CPU).
+        q = self.pool_conv(x)
+        if can_write_inplace(q):
+            x = q.mul_(self._recount(x)).addcmul_(x, self.keep)
+        else:
+            x = mul_add(x * self.keep, q, self._recount(x))
+        return add_(self.mlp(x), x)
 
     def _recount(self, x: torch.Tensor) -> torch.Tensor:
         """``k^2 / count`` per position (count: window cells inside the image), ``[1, 1, H, W]``."""
@@ -359,7 +368,9 @@ class DistilledClassifier(ImageModel):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
         """Tokens ``[B, N, C]`` or maps ``[B, C, H, W]`` -> mean -> classifier(s)."""
-        x = x.mean(dim=1) if x.dim() == 3 else x.mean(dim=(2, 3))
+        # tokens [B, N, C] after attention blocks, maps otherwise: known at build time, so no
+        # branch on the tensor (fx traces this)
+        x = x.mean(dim=1) if self.head_on_tokens else x.mean(dim=(2, 3))
         x = self.head_drop(x)
         if pre_logits:
             return x
@@ -376,7 +387,8 @@ class DistilledClassifier(ImageModel):
     size_hint = " (its attention grids are fixed)"
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input_size(x)
+        if not torch.jit.is_scripting():  # the message needs Python; a scripted model has no check
+            self.check_input_size(x)
         return self.norm(self.forward_stages(self.stem(x)))
 
     def _fold_for_deploy(self) -> None:
@@ -437,6 +449,7 @@ class EfficientFormer(DistilledClassifier, nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.num_vit = num_vit
+        self.head_on_tokens = num_vit > 0
         self.drop_rate = drop_rate
         self.distilled_training = False
         self.grad_checkpointing = False

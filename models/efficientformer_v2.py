@@ -40,7 +40,6 @@ the stride-2 attention's bilinear upsampling done as two small matrix products, 
 BatchNorm (after a residual sum, nothing to fold into) turned into a per-channel affine, and
 the two classifiers merged. Neither the official code nor timm has one.
 """
-from __future__ import annotations
 
 import math
 from typing import Sequence
@@ -122,8 +121,7 @@ class Attention2d(nn.Module):
         v_local = self.v_local(v)
         v = v.reshape(b, h, -1, n).transpose(-2, -1)
         if self.deployed:
-            # th1(s * qk + bias) with s in q and th1's weight applied to the bias once at fuse.
-            attn = self.talking_head1(q @ k) + self.attention_bias_dense
+            attn = self._deploy_scores(q, k)
         else:
             attn = (q @ k) * self.scale + self.attention_biases[:, self.attention_bias_idxs]
             attn = self.talking_head1(attn)
@@ -132,6 +130,11 @@ class Attention2d(nn.Module):
         if self.upsample is not None:
             x = self.upsample(x)
         return self.proj(self.act(x))
+
+    @torch.jit.unused  # the deploy form is eager and exported, never scripted
+    def _deploy_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        # th1(s * qk + bias) with s in q and th1's weight applied to the bias once at fuse.
+        return self.talking_head1(q @ k) + self.attention_bias_dense
 
     @torch.no_grad()
     def fuse(self) -> "Attention2d":
@@ -221,11 +224,15 @@ class Attention2dDownsample(nn.Module):
         v_local = self.v_local(v)
         v = v.reshape(b, h, -1, self.N).transpose(-2, -1)
         if self.deployed:
-            attn = q @ k + self.attention_bias_dense
+            attn = self._deploy_scores(q, k)
         else:
             attn = (q @ k) * self.scale + self.attention_biases[:, self.attention_bias_idxs]
         x = (attn.softmax(dim=-1) @ v).transpose(2, 3).reshape(b, self.dh, self.resolution2, self.resolution2) + v_local
         return self.proj(self.act(x))
+
+    @torch.jit.unused  # the deploy form is eager and exported, never scripted
+    def _deploy_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return q @ k + self.attention_bias_dense
 
     @torch.no_grad()
     def fuse(self) -> "Attention2dDownsample":
@@ -396,6 +403,7 @@ class EfficientFormerV2(DistilledClassifier, nn.Module):
                 )
         self.img_size = img_size
         self.fixed_input_size = True
+        self.head_on_tokens = False
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.drop_rate = drop_rate

@@ -43,7 +43,6 @@ sum fused, each window's attention is a few batched products on ``[windows, toke
 module with hooks is run through its own forward so the hooks fire; tracing, export,
 autograd and other dtypes or devices always take the module path.
 """
-from __future__ import annotations
 
 from collections import OrderedDict
 from typing import Sequence
@@ -138,11 +137,11 @@ class CascadedGroupAttention(nn.Module):
         feats_in = x.chunk(self.num_heads, dim=1)
         feats_out = []
         feat = feats_in[0]
-        for i in range(self.num_heads):
+        for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):  # zip: TorchScript indexes no ModuleList
             if i > 0:
                 feat = feat + feats_in[i]
-            q, k, v = self.qkvs[i](feat).split([kd, kd, vd], dim=1)
-            q = self.dws[i](q)
+            q, k, v = qkv(feat).split([kd, kd, vd], dim=1)
+            q = dw(q)
             q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
             attn = (q.transpose(-2, -1) @ k) * self.scale + biases[i]
             attn = attn.softmax(dim=-1)
@@ -150,6 +149,7 @@ class CascadedGroupAttention(nn.Module):
             feats_out.append(feat)
         return self.proj(torch.cat(feats_out, dim=1))
 
+    @torch.jit.unused  # the deploy form is eager and exported, never scripted
     def _forward_deploy(self, x: torch.Tensor) -> torch.Tensor:
         # Same function with the scale inside the query conv and dense per-head bias tensors.
         if x.dim() == 4 and eager_cpu_inference(x, self.qkvs[0].weight):
@@ -545,11 +545,12 @@ class EfficientVit(ImageModel, nn.Module):
     size_hint = " (its window geometry is fixed; img_size is a multiple of 16)"
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input_size(x)
-        if self.deployed and not self.training and nhwc_applies(x):
-            # eager CPU inference: the channels-last kernels (zoo.models.nhwc); the features
-            # come back as the NCHW view of an NHWC tensor
-            return run_nhwc(self.stages, run_nhwc(self.patch_embed, x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        if not torch.jit.is_scripting():
+            self.check_input_size(x)
+            if self.deployed and not self.training and nhwc_applies(x):
+                # eager CPU inference: the channels-last kernels (zoo.models.nhwc); the features
+                # come back as the NCHW view of an NHWC tensor
+                return run_nhwc(self.stages, run_nhwc(self.patch_embed, x.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
         return self.forward_stages(self.patch_embed(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:

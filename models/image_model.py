@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from zoo.errors import ConfigError
 from zoo.models.cpu_kernels import use_deploy_kernels
@@ -59,7 +60,10 @@ class ImageModel:
     size_hint = ""  # what the input size fixes, for the error message
 
     def check_input_size(self, x: torch.Tensor) -> None:
-        """Raise `ConfigError` when a fixed-size model gets another input side."""
+        """Raise `ConfigError` when a fixed-size model gets another input side. Skipped while fx
+        traces (shapes are symbols then; the traced graph has no Python checks, as timm's)."""
+        if is_fx_symbolic_tracing():
+            return
         if self.fixed_input_size and (x.shape[-2] != self.img_size or x.shape[-1] != self.img_size):
             raise ConfigError(
                 f"this {type(self).__name__} was built for {self.img_size}x{self.img_size} inputs{self.size_hint}, "
@@ -108,7 +112,8 @@ class ImageModel:
         `forward_features` returns (normed when the last stage ran)."""
         if output_fmt != "NCHW":
             raise ConfigError(f"output_fmt must be 'NCHW' (got {output_fmt!r}), as in timm for this family.")
-        self.check_input_size(x)
+        if not torch.jit.is_scripting():
+            self.check_input_size(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last = len(self.stages) - 1
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]

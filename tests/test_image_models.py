@@ -211,3 +211,49 @@ def test_features_only_exports_to_onnx_with_one_output_per_level(tmp_path):
     graph = onnx.load(str(report.path)).graph
     assert len(graph.output) == 4
     assert max(c.rel_diff for c in report.comparisons) < 1e-4
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_form_scripts_fx_traces_and_works_with_timms_fx_feature_extractor(name, reference):
+    """As timm's: ``torch.jit.script`` (still used for C++ deployment), ``torch.fx.symbolic_trace``
+    and timm's fx ``create_feature_extractor``, each with the eager outputs."""
+    from timm.models._features_fx import create_feature_extractor
+
+    ref, path, x = reference[name]
+    model = zoo.create_model(name, pretrained=str(path))
+    with torch.no_grad():
+        want = model(x)
+        scripted = torch.jit.script(model)
+        assert rel_err(scripted(x), want) < 1e-5
+        traced = torch.fx.symbolic_trace(model)
+        assert rel_err(traced(x), want) < 1e-5
+        extractor = create_feature_extractor(model, {"stages.1": "s1", f"stages.{len(model.stages) - 1}": "last"})
+        feats = extractor(x)
+        maps = model.forward_intermediates(x, indices=[1, len(model.stages) - 1], intermediates_only=True)
+    assert rel_err(feats["s1"], maps[0]) < 1e-5
+    assert rel_err(model._as_map(feats["last"]), maps[1]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["efficientvit_m0", "efficientformer_l1", "efficientformerv2_s0"])
+def test_torch_export_gives_the_eager_outputs(name, reference):
+    ref, path, x = reference[name]
+    model = zoo.create_model(name, pretrained=str(path))
+    program = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert rel_err(program.module()(x), model(x)) < 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientvit_m0", "efficientformer_l1", "efficientformerv2_s0"])
+def test_a_training_step_runs_under_torch_compile(name):
+    model = zoo.create_model(name, num_classes=4, img_size=64).train()
+    compiled = torch.compile(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 3])
+    before = [p.detach().clone() for p in model.parameters()]
+    out = compiled(x)
+    logits = out[0] if isinstance(out, tuple) else out
+    torch.nn.functional.cross_entropy(logits, y).backward()
+    opt.step()
+    assert torch.isfinite(logits).all()
+    assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))

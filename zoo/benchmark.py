@@ -12,17 +12,30 @@ exported with `zoo.export.to_onnx` (timm's as-is, zoo's deploy form) and run by 
 execution provider with the same thread count) and ``cuda`` (eager on the GPU, optional
 fp16/bf16 weights and channels-last; timed with CUDA events).
 
-Timing: `warmup` calls each, then `reps` rounds; in each round both models run once, in
-alternating order, so machine noise hits both alike. Reported: median and p90 latency per
-call, throughput ``batch_size / median``. Nothing here asserts on time.
+Peers beyond timm eager (``peers=``, CPU torch backend, with ``compare="timm"``): what a
+user would deploy timm's model with instead of zoo's deploy form, each with the same weights
+and checked against zoo's output before timing:
+
+- ``jit``: ``torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model)))``;
+- ``compile``: ``torch.compile`` with inductor's ``freezing`` (needs a C++ compiler; the
+  compile time is reported apart, in ``setup_s``);
+- ``ort``: onnxruntime on timm's model exported by `zoo.export.to_onnx`;
+- ``zoo-ort``: onnxruntime on zoo's deploy form, so every figure of a row is from one run.
+
+Timing: `warmup` calls each, then `reps` rounds; in each round every runner runs once, the
+order rotating from round to round, so machine noise hits all alike. Reported: median and p90
+latency per call, throughput ``batch_size / median``, and each peer's median as a ratio
+``zoo / peer`` (below 1: zoo is faster). Nothing here asserts on time.
 """
 from __future__ import annotations
 
 import copy
+import shutil
 import statistics
+import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -30,9 +43,10 @@ import torch
 
 from zoo.errors import ConfigError, UnknownModelError, require
 
-__all__ = ["BenchmarkResult", "benchmark", "expand_names", "BACKENDS"]
+__all__ = ["BenchmarkResult", "benchmark", "expand_names", "BACKENDS", "PEERS"]
 
 BACKENDS = ("torch", "onnxruntime", "cuda")
+PEERS = ("eager", "jit", "compile", "ort", "zoo-ort")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -56,6 +70,9 @@ class BenchmarkResult:
     peer_p90_ms: float | None = None
     ratio: float | None = None  # zoo median / peer median: below 1 is faster
     max_rel_diff: float | None = None  # zoo vs peer outputs on the benchmark input
+    # further peers (``jit``, ``compile``, ``ort``, ``zoo-ort``): name -> {median_ms, p90_ms,
+    # ratio (zoo / it), setup_s (tracing, compiling or exporting), max_rel_diff}
+    others: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,6 +155,58 @@ def _ort_runner(model, x, threads: int, folder: Path, tag: str, reparam: bool) -
     return lambda: torch.from_numpy(sess.run(None, feed)[0])
 
 
+def _jit_runner(model, x) -> Callable[[], torch.Tensor]:
+    with torch.no_grad():
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x).eval()))
+
+    def run():
+        with torch.no_grad():
+            return frozen(x)
+
+    return run
+
+
+def has_cxx_compiler() -> bool:
+    """Whether inductor can build CPU kernels here (it calls ``$CXX`` or ``g++``/``c++``)."""
+    return any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++") if c)
+
+
+def _compile_runner(model, x) -> Callable[[], torch.Tensor]:
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model)
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        compiled(x)  # the compile, timed by the caller as setup
+
+    def run():
+        with torch.no_grad():
+            return compiled(x)
+
+    return run
+
+
+def _peer_runners(peers, peer, deployed, x, threads: int, folder: Path, name: str) -> dict:
+    """name -> (runner, setup seconds) for the asked peers beyond timm eager."""
+    out = {}
+    for kind in peers:
+        if kind == "eager":
+            continue
+        start = time.perf_counter()
+        if kind == "jit":
+            run = _jit_runner(copy.deepcopy(peer), x)
+        elif kind == "compile":
+            if not has_cxx_compiler():
+                continue  # inductor's CPU backend needs one; the table says it was not run
+            run = _compile_runner(copy.deepcopy(peer), x)
+        elif kind == "ort":
+            run = _ort_runner(peer, x, threads, folder, f"{name}-timm-ort", reparam=False)
+        else:  # zoo-ort
+            run = _ort_runner(deployed, x, threads, folder, f"{name}-zoo-ort", reparam=False)
+        run()
+        out[kind] = (run, time.perf_counter() - start)
+    return out
+
+
 def _timer(backend: str):
     if backend == "cuda":
         def timed(fn) -> float:
@@ -167,6 +236,7 @@ def benchmark(
     warmup: int = 10,
     dtype: str = "fp32",
     channels_last: bool = False,
+    peers: Sequence[str] = ("eager",),
     progress: Callable[[BenchmarkResult], None] | None = None,
 ) -> list[BenchmarkResult]:
     """Time each model (names, families or patterns) on `backend`; see the module docstring.
@@ -185,6 +255,11 @@ def benchmark(
         raise ConfigError("the cuda backend needs a CUDA GPU, and torch sees none here.")
     if batch_size < 1 or reps < 1 or warmup < 0:
         raise ConfigError("batch_size and reps must be at least 1, warmup at least 0.")
+    bad = [p for p in peers if p not in PEERS]
+    if bad:
+        raise ConfigError(f"peers must be among {', '.join(PEERS)}, not {', '.join(bad)}.")
+    if set(peers) - {"eager"} and (compare != "timm" or backend != "torch"):
+        raise ConfigError("the jit, compile, ort and zoo-ort peers are timed with --compare timm on the torch backend.")
     from zoo.export import prepare_target
     from zoo.flops import count_macs, count_params
     from zoo.registry import model_card
@@ -216,19 +291,23 @@ def benchmark(
                 run = _torch_runner(deployed, x, device, dtype, channels_last)
                 run_peer = _torch_runner(copy.deepcopy(peer), x, device, dtype, channels_last) if peer else None
             diff = None
-            if run_peer is not None:
-                from zoo.testing import rel_err
+            extra = _peer_runners(peers, peer, deployed, x, threads, Path(tmp), name) if peer is not None else {}
+            from zoo.testing import rel_err
 
-                diff = rel_err(run().float().cpu(), run_peer().float().cpu())
+            reference = run().float().cpu()
+            if run_peer is not None:
+                diff = rel_err(reference, run_peer().float().cpu())
+            runners = [run] + ([run_peer] if run_peer else []) + [r for r, _ in extra.values()]
             for _ in range(warmup):
-                run()
-                if run_peer:
-                    run_peer()
-            t_ours, t_peer = [], []
+                for fn in runners:
+                    fn()
+            times: list[list[float]] = [[] for _ in runners]
             for i in range(reps):
-                pair = [(run, t_ours)] + ([(run_peer, t_peer)] if run_peer else [])
-                for fn, sink in pair if i % 2 == 0 else pair[::-1]:
-                    sink.append(timed(fn))
+                k = i % len(runners)  # rotate the order: each runner leads equally often
+                for j in list(range(k, len(runners))) + list(range(k)):
+                    times[j].append(timed(runners[j]))
+            t_ours = times[0]
+            t_peer = times[1] if run_peer else []
             med = statistics.median(t_ours)
             r = BenchmarkResult(
                 model=name, backend=backend, batch_size=batch_size, img_size=size[-1], threads=threads,
@@ -239,6 +318,10 @@ def benchmark(
                 pm = statistics.median(t_peer)
                 r.peer, r.peer_median_ms, r.peer_p90_ms = "timm", pm, _quantile(t_peer, 0.9)
                 r.ratio, r.max_rel_diff = med / pm, diff
+            for (kind, (fn, setup)), t in zip(extra.items(), times[2:]):
+                m = statistics.median(t)
+                r.others[kind] = {"median_ms": m, "p90_ms": _quantile(t, 0.9), "ratio": med / m, "setup_s": setup,
+                                  "max_rel_diff": rel_err(fn().float().cpu(), reference)}
             results.append(r)
             if progress:
                 progress(r)

@@ -1,9 +1,17 @@
-"""Plain-text and markdown tables for the CLI, the README and benchmark reports."""
+"""Plain-text and markdown tables for the CLI, the README and benchmark reports, and the
+results files (``docs/results/*.md``) the benchmark scripts write."""
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import datetime
+import io
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Iterator, Sequence
 
-__all__ = ["format_table", "model_rows", "MODEL_HEADERS", "human_count"]
+__all__ = ["format_table", "model_rows", "MODEL_HEADERS", "human_count", "environment", "results_file"]
 
 MODEL_HEADERS = ("model", "family", "task", "params", "MACs", "input", "paper top-1", "default weights")
 
@@ -51,3 +59,56 @@ def format_table(rows: Sequence[Sequence], headers: Sequence[str], fmt: str = "t
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(headers)]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def environment() -> str:
+    """One line: the machine, its CPUs and the versions of everything the figures depend on."""
+    import torch
+
+    parts = [f"{platform.machine()} {platform.processor() or ''}".strip(), f"{os.cpu_count()} CPUs",
+             f"{torch.get_num_threads()} torch threads", f"Python {platform.python_version()}",
+             f"torch {torch.__version__}"]
+    for module in ("timm", "onnxruntime", "nvdiffrast"):
+        mod = sys.modules.get(module)
+        if mod is not None:
+            parts.append(f"{module} {getattr(mod, '__version__', '?')}")
+    if torch.cuda.is_available():
+        parts.append(f"GPU {torch.cuda.get_device_name()}")
+    from zoo._version import __version__
+
+    parts.append(f"zoo {__version__}")
+    return ", ".join(parts)
+
+
+@contextlib.contextmanager
+def results_file(path: str | os.PathLike | None, title: str) -> Iterator[None]:
+    """Print as usual and, when `path` is given, also write everything printed inside the block
+    to `path` (markdown, atomically) under a header: `title`, the command that made it, the
+    date, and `environment()` at the end of the run. An exception writes nothing."""
+    if path is None:
+        yield
+        return
+    from zoo.io import atomic_write
+
+    buffer = io.StringIO()
+
+    class Tee(io.TextIOBase):
+        def write(self, text: str) -> int:
+            buffer.write(text)
+            return stdout.write(text)
+
+        def flush(self) -> None:
+            stdout.flush()
+
+    stdout = sys.stdout
+    sys.stdout = Tee()
+    try:
+        yield
+    finally:
+        sys.stdout = stdout
+    command = " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]) if sys.argv and sys.argv[0] else "?"
+    head = (f"# {title}\n\nWritten by `python {command}` on {datetime.date.today().isoformat()}.\n\n"
+            f"Environment: {environment()}.\n\n")
+    with atomic_write(path, "w") as f:
+        f.write(head + buffer.getvalue().strip() + "\n")
+    print(f"wrote {path}", file=sys.stderr)

@@ -5,21 +5,29 @@ import json
 import sys
 
 
+PEER_LABELS = {"jit": "timm jit.freeze", "compile": "timm compile+freeze", "ort": "timm ORT", "zoo-ort": "zoo ORT"}
+
+
 def _cmd_benchmark(args) -> int:
     from zoo.benchmark import benchmark
     from zoo.io import atomic_write
     from zoo.tables import format_table, human_count
 
+    extra = [p for p in dict.fromkeys(args.peers) if p != "eager"]
     headers = ["model", "backend", "params", "MACs", "batch", "median ms", "p90 ms", "img/s"]
     if args.compare:
         headers += ["timm median ms", "timm p90 ms", "zoo/timm"]
-    rows = []
+        for p in extra:
+            headers += [f"{PEER_LABELS[p]} ms", f"zoo/{PEER_LABELS[p]}"]
 
     def row(r):
         cells = [r.model, r.backend, human_count(r.params), human_count(r.macs), str(r.batch_size),
                  f"{r.median_ms:.2f}", f"{r.p90_ms:.2f}", f"{r.throughput:.1f}"]
         if args.compare:
             cells += [f"{r.peer_median_ms:.2f}", f"{r.peer_p90_ms:.2f}", f"{r.ratio:.2f}"]
+            for p in extra:
+                o = r.others.get(p)
+                cells += [f"{o['median_ms']:.2f}", f"{o['ratio']:.2f}"] if o else ["not run", "-"]
         return cells
 
     def progress(r):
@@ -32,7 +40,8 @@ def _cmd_benchmark(args) -> int:
     for backend in dict.fromkeys(args.backend):
         results += benchmark(args.names, backend=backend, threads=args.threads, batch_size=args.batch_size,
                              img_size=args.img_size, compare=args.compare, reps=args.reps, warmup=args.warmup,
-                             dtype=args.dtype, channels_last=args.channels_last, progress=progress)
+                             dtype=args.dtype, channels_last=args.channels_last,
+                             peers=args.peers if backend == "torch" else ("eager",), progress=progress)
     rows = [row(r) for r in results]
     import torch
 
@@ -43,6 +52,9 @@ def _cmd_benchmark(args) -> int:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     else:
         print(format_table(rows, headers, args.format))
+    compiled = [f"{r.model} {r.others['compile']['setup_s']:.0f} s" for r in results if "compile" in r.others]
+    if compiled and args.format == "table":
+        print("torch.compile time (not in the medians): " + ", ".join(compiled))
     if args.csv:
         import csv
 
@@ -63,6 +75,9 @@ def register(sub) -> None:
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--img-size", type=int, default=None)
     s.add_argument("--compare", choices=("timm",), default=None, help="time timm's model too, interleaved")
+    s.add_argument("--peers", nargs="+", choices=("eager", "jit", "compile", "ort", "zoo-ort"), default=["eager"],
+                   help="with --compare timm on the torch backend: also time timm through jit.freeze, torch.compile "
+                        "with freezing (compile time reported apart), onnxruntime on timm's export, and zoo's ORT")
     s.add_argument("--reps", type=int, default=100)
     s.add_argument("--warmup", type=int, default=10)
     s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="cuda backend only")
