@@ -86,8 +86,8 @@ def _put_built_plugin_on_path(exc: Exception) -> bool:
 def context(device: torch.device):
     """One ``RasterizeCudaContext`` per device, created on first use and kept.
 
-    The first call builds nvdiffrast's CUDA plugin (about 30 s on an H100 machine) and
-    caches it under ``~/.cache/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``).
+    The first call builds nvdiffrast's CUDA plugin (a JIT CUDA compile) and caches it under
+    ``~/.cache/torch_extensions`` (or ``$TORCH_EXTENSIONS_DIR``).
     """
     dr = module()
     try:

@@ -18,8 +18,8 @@ Two passes, both vectorized (no Python loop over triangles or pixels):
      ``z/w = sum e_i z_i / sum e_i w_i`` is tested against ``[-1, 1]``, which clips the near
      and far planes per pixel exactly. Shared edges are watertight here too: ``a*b - c*d``
      with the operands swapped is the exact negative in IEEE arithmetic. Pixels along such
-     triangles' edges can differ from nvdiffrast's (measured: 0.04-0.15% of covered pixels
-     in random soups where a fifth of the triangles cross those planes).
+     triangles' edges can differ from nvdiffrast's, which clips them into pieces before
+     snapping (`tests/test_render_nvdiffrast.py` bounds the difference).
 
    Triangles are grouped by the power-of-two size of their pixel bounding box and each
    group is evaluated as a dense ``[triangles, rows, cols]`` grid, so the work is a few
@@ -52,7 +52,7 @@ EMPTY_KEY = torch.iinfo(torch.int64).max
 _CHUNK_POINTS = 1 << 22
 # Grid sizes a bounding box is rounded up to. Powers of two keep the number of groups (each
 # a fixed cost of a few dozen ops) small; finer classes (adding 1.5x steps) waste fewer grid
-# points but measured 25% slower on the benchmark mesh.
+# points but were slower on the benchmark mesh (more groups).
 _SIZES = [1 << k for k in range(15)]
 # nvdiffrast's cudaraster: vertices snap to 1/16 pixel (CR_SUBPIXEL_LOG2 = 4) and the fast
 # path needs snapped coordinates inside a signed 16-bit guard band.

@@ -257,3 +257,28 @@ def test_a_training_step_runs_under_torch_compile(name):
     opt.step()
     assert torch.isfinite(logits).all()
     assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["efficientvit_m0", "efficientformer_l1", "efficientformerv2_s0"])
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients(name, monkeypatch):
+    """timm's ``set_grad_checkpointing``: the stages run through ``checkpoint_seq`` in training
+    (activations recomputed in backward), with the same loss and gradients as without."""
+    import zoo.models.image_model as image_model
+
+    model = randomize_(zoo.create_model(name, num_classes=3, img_size=64), scale=0.1).train()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = image_model.checkpoint_seq
+    monkeypatch.setattr(image_model, "checkpoint_seq", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = []
+    for enable in (False, True):
+        model.zero_grad()
+        model.set_grad_checkpointing(enable)
+        out = model(x)
+        out = out[0] if isinstance(out, tuple) else out
+        out.sum().backward()
+        runs.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None], len(calls)))
+    (a, ga, calls_off), (b, gb, calls_on) = runs
+    assert calls_off == 0 and calls_on == 1, "checkpointing must be off by default and used when set"
+    assert rel_err(b, a) < 1e-6 and len(ga) == len(gb)
+    assert all(rel_err(q, p) < 1e-5 for p, q in zip(ga, gb) if p.abs().max() > 0)

@@ -3,10 +3,10 @@
 Families register their variants when `zoo.models` is imported. This module never imports a
 family: the face (`zoo/__init__.py`) installs `set_loader`'s hook, which imports `zoo.models`
 the first time a card is looked up, so ``import zoo`` stays cheap (timm's registry is filled
-the same way, by importing its model package). A card says what the model is (family, task, paper), how to
-build it (a builder and its architecture config), what it takes (an `InputSpec`), what the
-paper reports (`Metric`s with their source), and which weights exist (`WeightEntry`s with
-the key-layout converters the family owns). Params and MACs are not typed into cards: they
+the same way, by importing its model package). A card says what the model is (family, task,
+paper), how to build it (a builder and its architecture config), what it takes (an
+`InputSpec`), what the paper reports (`Metric`s with their source), and which weights exist
+(`WeightEntry`s with the key-layout converters the family owns). Params and MACs are not typed into cards: they
 are computed on demand (`zoo.complexity`) and cached.
 """
 from __future__ import annotations
@@ -165,7 +165,7 @@ def register_model(card: ModelCard) -> ModelCard:
 def _ensure_loaded() -> None:
     global _loaded
     if not _loaded and _loader is not None:
-        _loaded = True  # set first: the families' own imports look cards up while registering
+        _loaded = True  # set first, so a lookup made while the families import does not recurse
         try:
             _loader()
         except BaseException:

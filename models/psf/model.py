@@ -63,9 +63,9 @@ class PSF(nn.Module):
         """The one-step generator with a noise example ``[B,N,3]``, as the fields of a
         `zoo.export.ExportTarget` (a dict, so the model needs nothing from `zoo.export`).
 
-        It names the TorchScript ONNX exporter: the dynamo exporter traces the model (about
-        20 s for psf_tiny) and translates it, but its graph optimizer does not finish on the
-        ~340 unrolled farthest-point-sampling steps (stopped after 10 minutes).
+        It names the TorchScript ONNX exporter: the dynamo exporter traces and translates the
+        model, but its graph optimizer does not finish on the ~340 unrolled
+        farthest-point-sampling steps in any reasonable time.
         ``input_shape``: ``(N, 3)`` or ``(B, N, 3)``; default ``(1, num_points, 3)``.
         """
         from zoo.errors import ConfigError

@@ -9,11 +9,10 @@ Distances (inputs ``[B,N,3]`` and ``[B,M,3]``, one value per pair, result ``[B]`
   one-to-one matching. ``squared=True`` matches squared L2 distances, as PSF's training code
   did; ``squared=False`` matches plain L2 distances, as PointFlow's evaluation (and thus the
   published MMD-EMD / COV-EMD / 1-NNA-EMD tables) did. ``exact=True`` solves the
-  assignment with scipy's solver (one cloud pair at a time on the CPU: 0.05 s for 512
-  points, 0.6 s for 2048 on this project's 2-core machine); ``exact=False`` runs an
-  annealed log-domain Sinkhorn in torch, batched (the GPU path), rounded to a feasible
-  plan, so its cost is an upper bound: measured 1-3% (squared) and under 1% (L2) above
-  exact at 128 points, 4.5% and 0.8% at 512 (``tests/test_metrics_pointcloud.py`` bounds it).
+  assignment with scipy's solver (one cloud pair at a time, on the CPU); ``exact=False`` runs
+  an annealed log-domain Sinkhorn in torch, batched (the GPU path), rounded to a feasible
+  plan, so its cost is an upper bound on the exact one, by a few percent at most
+  (``tests/test_metrics_pointcloud.py`` bounds it against the exact solver).
 
 Generation metrics (:func:`compute_all_metrics`), as PointFlow's ``evaluation_metrics.py``
 defines them, for a set of generated ``samples`` and reference ``refs``:
