@@ -193,3 +193,14 @@ def test_info_benchmark_and_export_work_or_refuse_clearly_for_every_family(name,
     assert status == 0 or (status == 2 and err.startswith("error: ")), err
     if status == 0:
         assert (tmp_path / "out" / f"{name}.onnx").is_file()
+
+
+def test_zoo_debug_prints_the_traceback_and_its_cause(monkeypatch, capsys):
+    assert main(["info", "efficientvit_m9"]) == 2
+    quiet = capsys.readouterr().err
+    assert quiet.startswith("error: no model named") and "Traceback" not in quiet
+    monkeypatch.setenv("ZOO_DEBUG", "1")
+    assert main(["info", "efficientvit_m9"]) == 2
+    loud = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in loud and "UnknownModelError" in loud
+    assert loud.rstrip().splitlines()[-1].startswith("error: no model named")
