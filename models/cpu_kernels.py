@@ -69,7 +69,6 @@ class _Switch:
 
     enabled: bool | None = None
     onednn: bool | None = None
-    why: str = ""
     lock = threading.Lock()
     # the op overloads, resolved once after the probe (each ``torch.ops`` lookup is a dict walk)
     linear = linear_add = conv = None
@@ -80,7 +79,6 @@ def reset_cpu_kernels() -> None:
     probes again (for tests, and for a process that changes the variable)."""
     with _Switch.lock:
         _Switch.enabled = _Switch.onednn = None
-        _Switch.why = ""
 
 
 def _decide() -> None:
@@ -96,7 +94,7 @@ def _decide() -> None:
             ops = torch.ops.mkldnn
             _Switch.linear, _Switch.linear_add = ops._linear_pointwise.default, ops._linear_pointwise.binary
             _Switch.conv = ops._convolution_pointwise.default
-        _Switch.onednn, _Switch.why = onednn, why
+        _Switch.onednn = onednn
         _Switch.enabled = enabled  # last: readers that see it set see the rest
 
 
@@ -108,7 +106,8 @@ def cpu_kernels_enabled() -> bool:
 
 
 def onednn_enabled() -> bool:
-    """True when the oneDNN kernels may be used: enabled, and the probe passed."""
+    """True when the oneDNN kernels may be used: enabled, and the probe passed (so False
+    whenever `cpu_kernels_enabled` is)."""
     if _Switch.enabled is None:
         _decide()
     return _Switch.onednn
@@ -215,7 +214,7 @@ class DeployGELU(nn.GELU):
     in-place GELU passed the probe."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if can_write_inplace(x) and x.is_cpu and onednn_enabled() and cpu_kernels_enabled():
+        if can_write_inplace(x) and x.is_cpu and onednn_enabled():  # False too when the kernels are off
             return torch._C._nn.gelu_(x, approximate=self.approximate)
         return super().forward(x)
 

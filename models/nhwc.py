@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.models.cpu_kernels import DeployConv2d, can_write_inplace, cpu_kernels_enabled, nchw_fallback, onednn_enabled
+from zoo.models.cpu_kernels import DeployConv2d, can_write_inplace, nchw_fallback, onednn_enabled
 from zoo.models.layers import Residual
 
 __all__ = ["nhwc_applies", "hooked", "run_nhwc"]
@@ -42,8 +42,7 @@ def nhwc_applies(x: torch.Tensor) -> bool:
         and x.is_cpu
         and can_write_inplace(x)  # eager, and no autograd history through x
         and not _global_hooks()
-        and cpu_kernels_enabled()
-        and onednn_enabled()
+        and onednn_enabled()  # False too when ZOO_CPU_KERNELS=0
     )
 
 

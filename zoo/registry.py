@@ -249,10 +249,10 @@ def create_model(name: str, pretrained: bool | str | Path = False, features_only
         cfg["tag"] = _load_pretrained(model, card, pretrained)
     model.pretrained_cfg = model.default_cfg = cfg  # default_cfg: the name older timm helpers read
     if features_only:
-        from zoo.features import features_only as _features_only
+        from zoo.features import FeatureNet
 
         try:
-            model = _features_only(model, card.feature_out_indices if out_indices is None else out_indices)
+            model = FeatureNet(model, card.feature_out_indices if out_indices is None else out_indices)
         except (AssertionError, IndexError) as e:  # timm's index check
             raise ConfigError(f"out_indices={out_indices!r} does not fit {name}'s {len(model.stages)} stages: "
                               f"{e or 'index out of range'}.") from e
