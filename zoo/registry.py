@@ -54,7 +54,9 @@ class Paper:
 class InputSpec:
     """What a model's forward takes by default (batch dimension excluded).
 
-    kind: ``image`` (a float ``[B, C, H, W]`` tensor, normalised with `mean`/`std`).
+    kind: ``image`` (a float ``[B, C, H, W]`` tensor, normalised with `mean`/`std`);
+    ``point-noise`` (a ``[B, N, 3]`` cloud); ``lidar-points`` (a detector's batch dict with
+    ``points [B * N, 5]``: batch index, x, y, z, reflectance).
     For images, `crop_pct` and `interpolation` describe the eval transform as timm does.
     """
 
@@ -65,9 +67,18 @@ class InputSpec:
     crop_pct: float | None = None
     interpolation: str | None = None
 
-    def example(self, batch_size: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        """Random positional inputs for one forward call (used for MACs, export, benchmarks)."""
+    def example(self, batch_size: int = 1, seed: int = 0) -> tuple:
+        """Random positional inputs for one forward call (used for MACs, export, benchmarks).
+
+        ``lidar-points`` (shape ``(N, 5)``): one batch dict of N points per sample, batch index
+        first, spread over 40 m x 40 m in front of the sensor and 2 m of height."""
         g = torch.Generator().manual_seed(seed)
+        if self.kind == "lidar-points":
+            n = self.shape[0]
+            pts = torch.rand((batch_size * n, 4), generator=g)
+            pts[:, :3] = pts[:, :3] * torch.tensor([40.0, 40.0, 2.0]) - torch.tensor([0.0, 20.0, 2.0])
+            idx = torch.arange(batch_size).repeat_interleave(n).float().unsqueeze(1)
+            return ({"points": torch.cat([idx, pts], 1), "batch_size": batch_size},)
         return (torch.randn((batch_size, *self.shape), generator=g),)
 
     def to_dict(self) -> dict:

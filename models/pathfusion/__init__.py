@@ -1,12 +1,37 @@
-"""PathFusion's house: voxels, sparse convolution, the voxel LiDAR detector (and, next, the
-camera branch and its fusion).
+"""PathFusion's house: voxels, sparse convolution and the voxel LiDAR detector it builds on.
 
 - `voxels`: `voxelize` (spconv's PointToVoxel arithmetic) and the mean VFE;
-- `sparse`: `SparseTensor`, `SubMConv3d`, `SparseConv3d`, `SparseInverseConv3d` in plain PyTorch.
+- `sparse`: `SparseTensor`, `SubMConv3d`, `SparseConv3d`, `SparseInverseConv3d` in plain PyTorch;
+- `backbone3d`, `bev`, `center_head`: OpenPCDet's VoxelBackBone8x, HeightCompression,
+  BaseBEVBackbone and CenterHead, with its module names;
+- `detector`: the stages as one `LidarDetector`, configured by YAML (``configs/``).
+
+Registers ``pathfusion_lidar_kitti`` (KITTI's full settings) and ``pathfusion_lidar_tiny``.
 """
+from zoo.registry import InputSpec, ModelCard, Paper, register_model
+
+from .detector import CONFIGS, LidarDetector, build_lidar_detector, load_config, load_openpcdet_state
 from .sparse import (SparseConv3d, SparseInverseConv3d, SparseModule, SparseSequential, SparseTensor,
                      SubMConv3d, convert_spconv_weight)
 from .voxels import MeanVFE, grid_size, voxelize
 
 __all__ = ["voxelize", "grid_size", "MeanVFE", "SparseTensor", "SparseModule", "SubMConv3d", "SparseConv3d",
-           "SparseInverseConv3d", "SparseSequential", "convert_spconv_weight"]
+           "SparseInverseConv3d", "SparseSequential", "convert_spconv_weight", "LidarDetector",
+           "build_lidar_detector", "load_config", "load_openpcdet_state"]
+
+PAPER = Paper("PathFusion: Path-consistent Lidar-Camera Deep Feature Fusion", "2212.06244")
+
+register_model(ModelCard(
+    name="pathfusion_lidar_kitti", family="pathfusion", task="3d-detection", paper=PAPER,
+    builder=build_lidar_detector, config={"config": "pathfusion_lidar_kitti"},
+    input=InputSpec("lidar-points", (16384, 5)), license="MIT (architecture); no weights shipped",
+    description="PathFusion's LiDAR branch on KITTI: OpenPCDet's VoxelBackBone8x, BEV backbone and CenterHead "
+                "(Car, Pedestrian, Cyclist), in plain PyTorch.",
+))
+register_model(ModelCard(
+    name="pathfusion_lidar_tiny", family="pathfusion", task="3d-detection", paper=PAPER,
+    builder=build_lidar_detector, config={"config": "pathfusion_lidar_tiny"},
+    input=InputSpec("lidar-points", (8192, 5)), license="MIT",
+    description="A CPU-sized voxel detector (38 m range, 0.15 m voxels, quarter width) that trains on the "
+                "synthetic KITTI world in minutes.",
+))
