@@ -27,7 +27,7 @@ RULES: list[tuple[str, set[str]]] = [
     ("zoo.benchmark", CORE | {"zoo.export"}),
     ("zoo.slim", CORE | {"zoo.models", "zoo.train", "zoo.data", "zoo.metrics", "zoo.slim"}),
     ("zoo.train", CORE | {"zoo.models", "zoo.data", "zoo.metrics", "zoo.train"}),
-    ("zoo.data", CORE | {"zoo.data"}),
+    ("zoo.data", CORE | {"zoo.data", "zoo.render"}),  # synthetic worlds render their camera images
     ("zoo.metrics", CORE | {"zoo.metrics", "zoo.data"}),  # a metric may read its dataset's format
     ("zoo.models", CORE | {"zoo.models", "zoo.render"}),
     ("zoo.export", CORE | {"zoo.export"}),

@@ -30,7 +30,7 @@ __all__ = [
     "CLASSES", "KittiObject", "Calib", "read_points", "write_points", "read_calib", "write_calib",
     "read_labels", "write_labels", "read_image", "read_split", "labels_to_arrays",
     "camera_to_lidar_boxes", "lidar_to_camera_boxes", "camera_box_corners", "image_boxes",
-    "in_image", "crop_to_range", "frame_paths",
+    "in_image", "crop_to_range", "frame_paths", "predictions_to_objects",
 ]
 
 # label_2's object types; DontCare marks regions the evaluator neither rewards nor punishes
@@ -347,3 +347,30 @@ def crop_to_range(points: np.ndarray, point_range: Sequence[float]) -> np.ndarra
     p = points[:, :3]
     keep = ((p >= r[:3]) & (p < r[3:])).all(axis=1)
     return points[keep]
+
+
+def predictions_to_objects(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                           calib: Calib, image_shape: tuple[int, int]) -> list[KittiObject]:
+    """Detector output (LiDAR boxes ``[K, 7]``, scores ``[K]``, 1-based labels ``[K]``) as KITTI
+    result objects: the camera box, the 2D box of its projected corners clipped to the image,
+    and alpha from the box's bearing, as OpenPCDet writes them. Boxes behind the camera or
+    projecting outside the image are left out (no 2D box exists for them)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 7)
+    if len(boxes) == 0:
+        return []
+    cam = lidar_to_camera_boxes(boxes, calib)
+    front = camera_box_corners(cam)[..., 2].min(axis=1) > 0.1
+    out = []
+    if not front.any():
+        return out
+    b2d = np.full((len(cam), 4), np.nan)
+    b2d[front] = image_boxes(cam[front], calib, image_shape)
+    for i in np.flatnonzero(front):
+        l, t, r, b = b2d[i]
+        if r - l < 1 or b - t < 1:
+            continue
+        ry = math.remainder(cam[i, 6], 2 * math.pi)
+        alpha = math.remainder(-math.atan2(-boxes[i, 1], boxes[i, 0]) + ry, 2 * math.pi)
+        out.append(KittiObject(class_names[int(labels[i]) - 1], -1.0, -1, alpha, (l, t, r, b), tuple(cam[i, 3:6]),
+                               tuple(cam[i, :3]), ry, float(scores[i])))
+    return out

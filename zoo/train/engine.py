@@ -77,7 +77,7 @@ def setup_distributed(device: str | None = None) -> Dist:
 
 
 def epoch_loader(dataset, batch_size: int, epoch: int, seed: int, env: Dist, shuffle: bool = True,
-                 workers: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
+                 workers: int = 0, drop_last: bool = False, collate_fn=None) -> torch.utils.data.DataLoader:
     """One epoch's loader: its shuffle seeded by ``seed + epoch``, sharded by rank under torchrun."""
     sampler, generator = None, torch.Generator().manual_seed(seed + epoch)
     if env.distributed:
@@ -87,7 +87,8 @@ def epoch_loader(dataset, batch_size: int, epoch: int, seed: int, env: Dist, shu
         shuffle = False
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, generator=generator,
-        num_workers=workers, drop_last=drop_last, pin_memory=env.device.type == "cuda", persistent_workers=False)
+        num_workers=workers, drop_last=drop_last, pin_memory=env.device.type == "cuda", persistent_workers=False,
+        collate_fn=collate_fn)
 
 
 def rng_state() -> dict:
