@@ -104,3 +104,30 @@ def test_bad_input(tmp_path):
     bad.write_text("Car 1 2\n")
     with pytest.raises(DataError, match=f"{bad.name}:1: 3 fields"):
         evaluate(gt_dir, pred_dir)
+
+
+def test_the_cases_hold_the_edge_cases(tmp_path):
+    """The reference sets exercise the rules they are meant to: exact height and truncation
+    limits, empty frames, frames without a result file, detections on DontCare regions."""
+    from zoo.data.kitti import read_labels
+
+    heights, truncs, empty, dontcare_hits, missing = set(), set(), 0, 0, 0
+    for case in CASES:
+        gt_dir, pred_dir = write_case(case, tmp_path / case)
+        for p in gt_dir.glob("*.txt"):
+            objs = read_labels(p)
+            empty += not objs
+            heights |= {o.bbox[3] - o.bbox[1] for o in objs}
+            truncs |= {o.truncated for o in objs}
+            q = pred_dir / p.name
+            if not q.exists():
+                missing += 1
+                continue
+            dets = read_labels(q)
+            for o in objs:
+                if o.type == "DontCare":
+                    dontcare_hits += any(min(o.bbox[2], d.bbox[2]) > max(o.bbox[0], d.bbox[0]) and
+                                         min(o.bbox[3], d.bbox[3]) > max(o.bbox[1], d.bbox[1]) for d in dets)
+    assert {25.0, 40.0} <= heights
+    assert {0.15, 0.3, 0.5} <= truncs
+    assert empty >= 5 and missing >= 5 and dontcare_hits >= 10

@@ -2,8 +2,10 @@
 
 Module names and shapes are OpenPCDet's (``conv_input``, ``conv1`` .. ``conv4``, ``conv_out``;
 BatchNorm1d eps 1e-3, momentum 0.01), so its checkpoints' ``backbone_3d.*`` weights load.
-`channels` is zoo's addition (OpenPCDet fixes 16/32/64/64 and 128 out): the tiny detector
-narrows it; the defaults are OpenPCDet's.
+`channels` and `bn_momentum` are zoo's additions (OpenPCDet fixes 16/32/64/64, 128 out and
+momentum 0.01): the tiny detector narrows the channels and, training for only about a
+thousand steps, raises the momentum to PyTorch's 0.1 so that the running statistics it
+evaluates with have caught up; the defaults are OpenPCDet's.
 """
 from __future__ import annotations
 
@@ -41,10 +43,10 @@ class VoxelBackBone8x(nn.Module):
     """
 
     def __init__(self, input_channels: int, grid_size: Sequence[int], channels: Sequence[int] = (16, 32, 64, 64),
-                 out_channels: int = 128, last_pad: int = 0):
+                 out_channels: int = 128, last_pad: int = 0, bn_momentum: float = 0.01):
         super().__init__()
         c1, c2, c3, c4 = channels
-        norm_fn = partial(nn.BatchNorm1d, eps=1e-3, momentum=0.01)
+        norm_fn = partial(nn.BatchNorm1d, eps=1e-3, momentum=bn_momentum)
         self.sparse_shape = (int(grid_size[2]) + 1, int(grid_size[1]), int(grid_size[0]))
         self.conv_input = SparseSequential(
             SubMConv3d(input_channels, c1, 3, padding=1, bias=False, indice_key="subm1"), norm_fn(c1), nn.ReLU())

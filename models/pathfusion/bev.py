@@ -1,6 +1,7 @@
 """OpenPCDet's BaseBEVBackbone: strided 2D conv stages, each upsampled back and concatenated.
 
-Names as OpenPCDet's (``blocks.i``, ``deblocks.i``; BatchNorm2d eps 1e-3, momentum 0.01).
+Names as OpenPCDet's (``blocks.i``, ``deblocks.i``; BatchNorm2d eps 1e-3, momentum 0.01 unless
+`bn_momentum` says otherwise, a zoo addition).
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch.nn as nn
 __all__ = ["BaseBEVBackbone"]
 
 
-def _bn(c: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+def _bn(c: int, momentum: float = 0.01) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=momentum)
 
 
 class BaseBEVBackbone(nn.Module):
@@ -21,8 +22,10 @@ class BaseBEVBackbone(nn.Module):
     where ``H' = H / layer_strides[0] * upsample_strides[0]``."""
 
     def __init__(self, input_channels: int, layer_nums: Sequence[int], layer_strides: Sequence[int],
-                 num_filters: Sequence[int], upsample_strides: Sequence[float], num_upsample_filters: Sequence[int]):
+                 num_filters: Sequence[int], upsample_strides: Sequence[float], num_upsample_filters: Sequence[int],
+                 bn_momentum: float = 0.01):
         super().__init__()
+        bn = lambda c: _bn(c, bn_momentum)  # noqa: E731
         if not (len(layer_nums) == len(layer_strides) == len(num_filters) == len(upsample_strides)
                 == len(num_upsample_filters)):
             raise ValueError("BaseBEVBackbone: LAYER_NUMS, LAYER_STRIDES, NUM_FILTERS, UPSAMPLE_STRIDES and "
@@ -32,9 +35,9 @@ class BaseBEVBackbone(nn.Module):
         self.deblocks = nn.ModuleList()
         for i, n in enumerate(layer_nums):
             layers = [nn.ZeroPad2d(1), nn.Conv2d(c_in[i], num_filters[i], 3, stride=layer_strides[i], padding=0, bias=False),
-                      _bn(num_filters[i]), nn.ReLU()]
+                      bn(num_filters[i]), nn.ReLU()]
             for _ in range(n):
-                layers += [nn.Conv2d(num_filters[i], num_filters[i], 3, padding=1, bias=False), _bn(num_filters[i]), nn.ReLU()]
+                layers += [nn.Conv2d(num_filters[i], num_filters[i], 3, padding=1, bias=False), bn(num_filters[i]), nn.ReLU()]
             self.blocks.append(nn.Sequential(*layers))
             s = upsample_strides[i]
             if s >= 1:
@@ -43,7 +46,7 @@ class BaseBEVBackbone(nn.Module):
             else:
                 s = int(round(1 / s))
                 up = nn.Conv2d(num_filters[i], num_upsample_filters[i], s, stride=s, bias=False)
-            self.deblocks.append(nn.Sequential(up, _bn(num_upsample_filters[i]), nn.ReLU()))
+            self.deblocks.append(nn.Sequential(up, bn(num_upsample_filters[i]), nn.ReLU()))
         self.num_bev_features = sum(num_upsample_filters)
 
     def forward(self, batch: dict) -> dict:

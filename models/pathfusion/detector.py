@@ -90,12 +90,13 @@ class LidarDetector(nn.Module):
         if b3.get("NAME", "VoxelBackBone8x") != "VoxelBackBone8x":
             raise ConfigError("detector config: BACKBONE_3D NAME must be VoxelBackBone8x")
         self.backbone_3d = VoxelBackBone8x(n_feat, self.grid_size, tuple(b3.get("CHANNELS", (16, 32, 64, 64))),
-                                           int(b3.get("OUT_CHANNELS", 128)), int(b3.get("LAST_PAD", 0)))
+                                           int(b3.get("OUT_CHANNELS", 128)), int(b3.get("LAST_PAD", 0)),
+                                           float(b3.get("BN_MOMENTUM", 0.01)))
         self.map_to_bev_module = HeightCompression(int(_need(m["MAP_TO_BEV"], "NUM_BEV_FEATURES", "MAP_TO_BEV")))
         b2 = m["BACKBONE_2D"]
         self.backbone_2d = BaseBEVBackbone(self.map_to_bev_module.num_bev_features, b2["LAYER_NUMS"],
                                            b2["LAYER_STRIDES"], b2["NUM_FILTERS"], b2["UPSAMPLE_STRIDES"],
-                                           b2["NUM_UPSAMPLE_FILTERS"])
+                                           b2["NUM_UPSAMPLE_FILTERS"], float(b2.get("BN_MOMENTUM", 0.01)))
         h = m["DENSE_HEAD"]
         sep = h.get("SEPARATE_HEAD_CFG", {})
         tgt = h.get("TARGET_ASSIGNER_CONFIG", {})

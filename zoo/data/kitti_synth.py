@@ -2,8 +2,9 @@
 
 Each frame is a procedural street: a ground plane, building walls on both sides, parked and
 driving cars (and the odd van), pedestrians and cyclists with KITTI's size statistics (means
-and spreads of h, w, l per class), each a few boxes (a car's body, cabin and wheels; a
-person's legs, torso and head; a bike and its rider). From it come
+and spreads of h, w, l per class), each a few boxes (a car's body, a cabin over its rear
+half, boot and wheels; a person's legs, torso, head and feet; a bike, its handlebar and its
+rider), so that every class shows which way it faces. From it come
 
 - a 64-beam LiDAR scan by ray casting (HDL-64E-like elevations +2 to -24.8 degrees, the front
   100 degrees of azimuth, range noise, dropouts, reflectance per material), in the LiDAR frame
@@ -79,9 +80,17 @@ def _parts(cls: str, box: np.ndarray) -> list[np.ndarray]:
     def part(fx, fy, z0, z1, pl, pw):  # centre offset along length / width, height range, size
         return np.array([x + c * fx - s * fy, y + s * fx + c * fy, bottom + (z0 + z1) / 2 * h, pl, pw, (z1 - z0) * h, yaw])
 
-    if cls in ("Car", "Van"):
-        cab_z = 0.55 if cls == "Car" else 0.75
-        out = [part(0, 0, 0.18, cab_z, l, w), part(-0.08 * l, 0, cab_z, 1.0, 0.55 * l if cls == "Car" else 0.9 * l, 0.9 * w)]
+    if cls == "Car":
+        # body, a cabin over the rear half and a raised boot: the shape tells front from back,
+        # as a real car's does (a symmetric box would leave the heading ambiguous by pi)
+        out = [part(0, 0, 0.18, 0.5, l, w), part(-0.1 * l, 0, 0.5, 1.0, 0.5 * l, 0.9 * w),
+               part(-0.42 * l, 0, 0.5, 0.62, 0.16 * l, w)]
+        for fx in (0.32 * l, -0.32 * l):
+            for fy in (0.38 * w, -0.38 * w):
+                out.append(part(fx, fy, 0.0, 0.2, 0.2 * l, 0.22 * w))
+        return out
+    if cls == "Van":
+        out = [part(0, 0, 0.18, 0.55, l, w), part(-0.08 * l, 0, 0.55, 1.0, 0.84 * l, 0.95 * w)]
         for fx in (0.32 * l, -0.32 * l):
             for fy in (0.38 * w, -0.38 * w):
                 out.append(part(fx, fy, 0.0, 0.2, 0.2 * l, 0.22 * w))
@@ -338,10 +347,11 @@ def render_frame(scene: Scene, calib: Calib, image_size: tuple[int, int] = IMAGE
     return image, visible, alone, box2d
 
 
-def make_frame(seed: int, image_size: tuple[int, int] = IMAGE_SIZE, render: bool = True):
-    """One frame: ``(points [N, 4] float32, image [H, W, 3] uint8 or None, calib, objects)``."""
+def make_frame(seed: int, image_size: tuple[int, int] = IMAGE_SIZE, render: bool = True, max_range: float = 50.0):
+    """One frame: ``(points [N, 4] float32, image [H, W, 3] uint8 or None, calib, objects)``;
+    objects stand at most `max_range` metres ahead."""
     rng = np.random.default_rng(seed)
-    scene = make_scene(rng)
+    scene = make_scene(rng, max_range)
     calib = make_calib(rng)
     points = cast_lidar(scene, rng)
     objects = []
@@ -391,10 +401,12 @@ def make_frame(seed: int, image_size: tuple[int, int] = IMAGE_SIZE, render: bool
 
 
 def write_world(root: str | os.PathLike, num_frames: int, seed: int = 0, val_fraction: float = 0.2,
-                image_size: tuple[int, int] = IMAGE_SIZE, progress: bool = False) -> Path:
+                image_size: tuple[int, int] = IMAGE_SIZE, progress: bool = False, max_range: float = 50.0) -> Path:
     """Write `num_frames` frames as a KITTI root (``training/`` and ``ImageSets/``); returns
     `root`. Frame i is made from seed ``seed * 100003 + i`` (the same frame on every machine);
-    the last `val_fraction` of the indices form ``val.txt``."""
+    the last `val_fraction` of the indices form ``val.txt``. Objects stand at most `max_range`
+    metres ahead (a detector with a shorter range should get a world that fits it: KITTI's
+    evaluation counts every labelled object)."""
     from PIL import Image
 
     if num_frames < 1:
@@ -410,7 +422,7 @@ def write_world(root: str | os.PathLike, num_frames: int, seed: int = 0, val_fra
         frames = tqdm(frames, desc="synthetic KITTI", unit="frame")
     for i in frames:
         idx = f"{i:06d}"
-        points, image, calib, objects = make_frame(seed * 100003 + i, image_size)
+        points, image, calib, objects = make_frame(seed * 100003 + i, image_size, max_range=max_range)
         write_points(train / "velodyne" / f"{idx}.bin", points)
         with atomic_write(train / "image_2" / f"{idx}.png", "wb") as f:
             Image.fromarray(image).save(f, format="PNG")

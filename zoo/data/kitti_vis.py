@@ -55,11 +55,13 @@ def draw_image_boxes(image: np.ndarray, lidar_boxes: np.ndarray, names: Sequence
 
 
 def draw_bev(points: np.ndarray, lidar_boxes: np.ndarray, names: Sequence[str], point_range: Sequence[float],
-             gt_boxes: np.ndarray | None = None, pixels_per_metre: float = 8.0):
-    """A top view: x forward (up the picture), y left (to the left); points shaded by height."""
+             gt_boxes: np.ndarray | None = None, pixels_per_metre: float | None = None):
+    """A top view: x forward (up the picture), y left (to the left); points shaded by height.
+    The scale defaults to a picture about 620 pixels wide."""
     from PIL import Image, ImageDraw
 
     x0, y0, _, x1, y1, _ = point_range
+    pixels_per_metre = pixels_per_metre or 620 / (y1 - y0)
     w, h = int((y1 - y0) * pixels_per_metre), int((x1 - x0) * pixels_per_metre)
     canvas = np.zeros((h, w, 3), dtype=np.uint8) + 16
 
