@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from zoo.errors import ConfigError, ZooError
+from zoo.errors import ConfigError, ExportError, ZooError
 
 __all__ = ["ExportTarget", "prepare_target"]
 
@@ -171,6 +171,9 @@ def _build(name: str, pretrained, shape) -> nn.Module:
     from zoo.registry import create_model, model_card
 
     card = model_card(name)  # UnknownModelError with suggestions
+    if card.input.kind == "lidar-points":
+        raise ExportError(f"{name} is a 3D detector; its export (ONNX with the sparse backbone) does not exist yet. "
+                          "zoo export takes the image models and the point cloud generators.")
     overrides = {}
     if shape is not None and card.input.kind == "image":
         shape = _image_shape(shape)

@@ -131,3 +131,11 @@ def test_detection_defaults_and_yaml_config(tmp_path):
     args = parse_train_args(["-c", str(cfg), "-b", "2"])
     assert (args.lr, args.weight_decay, args.batch_size) == (0.001, 0.01, 2)
     assert parse_train_args(["--model", "efficientvit_m0"]).lr is None  # classification keeps timm's
+
+
+def test_export_and_benchmark_refuse_detectors_clearly(tmp_path, capsys):
+    assert main(["export", "pathfusion_lidar_tiny", "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
+    assert "3D detector" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(["benchmark", "pathfusion_lidar_tiny"]) == 2
+    assert "sparse_conv.py" in capsys.readouterr().err

@@ -48,8 +48,6 @@ def demo_lidar(out: Path) -> None:
     """LiDAR detection on the synthetic KITTI world: a short training run from scratch, then the
     shipped pathfusion_lidar_tiny weights (when this checkout has them) evaluated on held-out
     frames, and a picture of their boxes on one frame."""
-    import json
-
     from zoo.cli.train import parse_train_args, run_train
     from zoo.data.kitti_synth import write_world
     from zoo.registry import model_card
@@ -61,8 +59,10 @@ def demo_lidar(out: Path) -> None:
     best = run_train(parse_train_args([
         "--model", "pathfusion_lidar_tiny", "--data-dir", str(world), "--epochs", "3", "-b", "3", "--gt-sample", "none",
         "--log-interval", "0", "--output", str(out), "--experiment", "lidar_train", "--device", "cpu"]))
-    rows = (out / "lidar_train" / "summary.csv").read_text().splitlines()
-    losses = [float(r.split(",")[1]) for r in rows[1:]]
+    import csv
+
+    with open(out / "lidar_train" / "summary.csv") as f:
+        losses = [float(r["train_loss"]) for r in csv.DictReader(f)]
     print(f"trained pathfusion_lidar_tiny from scratch for 3 epochs on 9 frames: loss {losses[0]:.2f} -> "
           f"{losses[-1]:.2f} (Car 3D AP {best['Car_3d_moderate']:.1f}: three epochs are a smoke run)")
     if model_card("pathfusion_lidar_tiny").default_tag is None:
@@ -70,13 +70,17 @@ def demo_lidar(out: Path) -> None:
               "skipped its evaluation")
         return
     from zoo.cli import main
+    from zoo.data.kitti_dataset import KittiDetection
+    from zoo.registry import create_model
+    from zoo.train.detection import evaluate_detector, summarize
 
-    main(["evaluate", "pathfusion_lidar_tiny", "--data-dir", str(world), "--out", str(out / "lidar_eval")])
-    summary = json.loads((out / "lidar_eval" / "ap.json").read_text())["summary"]
-    main(["detect", "pathfusion_lidar_tiny", "--frame", str(world / "training"), "--index", "000011",
+    model = create_model("pathfusion_lidar_tiny", pretrained=True)
+    val = KittiDetection(world, "val", model.class_names, model.point_cloud_range)
+    summary = summarize(evaluate_detector(model, val), ["Car", "Pedestrian", "Cyclist"])
+    print(f"shipped pathfusion_lidar_tiny weights on the {len(val)} held-out frames: Car BEV AP "
+          f"{summary['Car_bev_moderate']:.1f}, 3D AP {summary['Car_3d_moderate']:.1f} (R40, moderate)")
+    main(["detect", "pathfusion_lidar_tiny", "--frame", str(world / "training"), "--index", val.ids[-1],
           "--out", str(out / "lidar_detect")])
-    print(f"shipped pathfusion_lidar_tiny on 3 held-out synthetic frames: Car BEV AP {summary['Car_bev_moderate']:.1f}, "
-          f"3D AP {summary['Car_3d_moderate']:.1f} (R40, moderate); picture: {out / 'lidar_detect' / '000011_detections.png'}")
 
 
 def demo_psf(out: Path) -> None:

@@ -19,6 +19,11 @@ def _cmd_export(args) -> int:
     from zoo.tables import format_table
 
     card = model_card(args.name)  # unknown names fail before anything is written
+    if card.input.kind == "lidar-points":
+        from zoo.errors import ExportError
+
+        raise ExportError(f"{args.name} is a 3D detector; its export (ONNX with the sparse backbone) does not exist "
+                          "yet. zoo export takes the image models and the point cloud generators.")
     if args.batch_size is not None and args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1.")
     shape = None
