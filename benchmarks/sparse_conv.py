@@ -109,7 +109,7 @@ def main() -> int:
         theirs = sp_fwd()
         a = SparseTensor(ours.features, ours.indices, ours.spatial_shape, 1).dense()
         b = SparseTensor(theirs.features, theirs.indices, theirs.spatial_shape, 1).dense()
-        agree = f"{len(theirs.indices)} vs {len(ours.indices)} output sites, max |diff| {(a - b).abs().max():.3g}"
+        agree = f"{len(theirs.indices)} vs {len(ours.indices)} output sites, largest difference {(a - b).abs().max():.3g}"
         t_fwd = median_ms(sp_fwd, args.repeats)
         rows.append((f"spconv {getattr(sys.modules.get('spconv'), '__version__', '')} (CPU build)", t_fwd, None, agree))
     fps = []

@@ -34,14 +34,14 @@ register_model(ModelCard(
 TINY_WEIGHTS = Path(__file__).parent / "weights" / "pathfusion_lidar_tiny_synthetic.safetensors"
 # the shipped file's digest, checked before every load (benchmarks/train_lidar_tiny.py --install
 # prints the new one to put here)
-TINY_SHA256 = ""
+TINY_SHA256 = "8fa5c76ac81b60b69aaede7e2681ccf1ccdaf240e8710d8da5a56b4b994b1958"
 register_model(ModelCard(
     name="pathfusion_lidar_tiny", family="pathfusion", task="3d-detection", paper=PAPER,
     builder=build_lidar_detector, config={"config": "pathfusion_lidar_tiny"},
     input=InputSpec("lidar-points", (8192, 5)), license="MIT",
     weights={"synthetic": WeightEntry(
         "synthetic", "package:zoo.models.pathfusion/weights/pathfusion_lidar_tiny_synthetic.safetensors",
-        format="safetensors", sha256=TINY_SHA256 or None, license="MIT",
+        format="safetensors", sha256=TINY_SHA256, license="MIT",
         description="trained on 320 frames of zoo's synthetic KITTI world (benchmarks/train_lidar_tiny.py)")}
     if TINY_WEIGHTS.is_file() else {},
     default_tag="synthetic" if TINY_WEIGHTS.is_file() else None,
