@@ -6,7 +6,8 @@ Writes the world (``--out/world``: ``--frames`` frames, the last fifth the val s
 within 36 m so that the model's 38.4 m range covers every label) unless it is there, trains with `zoo train`'s detection defaults (OpenPCDet's KITTI recipe, ground-truth
 sampling to Car:15, Pedestrian:10, Cyclist:10 in the 38 m range), evaluates KITTI AP on the
 held-out frames every epoch, and writes the per-epoch log (``curve.json``), a picture of the
-curves (``curve.png``) and docs/results/lidar_tiny_training.md. About an hour on 2 CPU cores
+curves (``curve.png``, also docs/results/lidar_tiny_training.png) and
+docs/results/lidar_tiny_training.md. About an hour on 2 CPU cores
 with the defaults; ``--quick`` is a smoke run. ``--install`` then writes the best checkpoint's
 weights (the EMA-free model, float16 safetensors) over the package's
 ``models/pathfusion/weights/pathfusion_lidar_tiny_synthetic.safetensors`` and prints the sha256
@@ -115,8 +116,9 @@ def main() -> None:
                   f"{r['Car_3d_moderate']:.1f} | {r['Pedestrian_3d_moderate']:.1f} | {r['Cyclist_3d_moderate']:.1f} |")
         print(f"\nKITTI AP R40 at moderate difficulty on the held-out frames (official thresholds: Car 0.7, "
               f"Pedestrian and Cyclist 0.5). Best Car 3D {best['Car_3d_moderate']:.1f} at epoch {best['epoch']}. "
-              "Curves: runs/lidar_tiny/curve.png (not committed).")
-    print(f"wrote {out / 'curve.png'} and docs/results/lidar_tiny_training.md")
+              "Curves: [lidar_tiny_training.png](lidar_tiny_training.png).")
+    plot(ROOT / "docs" / "results" / "lidar_tiny_training.png", rows)
+    print(f"wrote {out / 'curve.png'} and docs/results/lidar_tiny_training.{{md,png}}")
     if args.install:
         install(out / "train" / "model_best.pth.tar")
 
