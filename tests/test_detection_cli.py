@@ -40,8 +40,8 @@ def test_training_logs_named_losses_and_ap(trained, world):
 
 
 def test_short_overfit_lowers_the_loss_and_lifts_ap(tmp_path):
-    """The default suite's short version of the training run: steps on two frames (the
-    evaluation frames), no augmentation, 45 steps. The loss must fall and the AP leave chance (zero: a
+    """The default suite's short version of the training run: 45 steps on two frames (the
+    evaluation frames), no augmentation. The loss must fall and the AP leave chance (zero: a
     box without training never reaches BEV IoU 0.7 with a car)."""
     import torch
 
