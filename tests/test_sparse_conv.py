@@ -48,12 +48,10 @@ def test_values_and_gradients_equal_dense_conv3d(kind, stride, padding):
     assert torch.allclose(y.features, at_sites(ref, y.indices), atol=1e-12)
     g = torch.randn_like(y.features)
     (y.features * g).sum().backward()
-    grad_dense = torch.zeros_like(ref.permute(0, 2, 3, 4, 1))
-    i = y.indices.long()
-    grad_dense[i[:, 0], i[:, 1], i[:, 2], i[:, 3]] = g
+    grad_dense = y.replace_feature(g).dense()  # the same gradient placed at the output sites
     w_grad_sparse = layer.weight.grad.clone()
     layer.weight.grad = None
-    (ref * grad_dense.permute(0, 4, 1, 2, 3)).sum().backward()
+    (ref * grad_dense).sum().backward()
     assert torch.allclose(feats.grad, at_sites(dd.grad, x.indices), atol=1e-12)
     assert torch.allclose(w_grad_sparse, layer.weight.grad, atol=1e-10)
     if kind == "subm":
@@ -87,10 +85,7 @@ def test_inverse_conv_is_the_transpose_at_the_forward_inputs(stride, padding):
     assert torch.allclose(z.features, at_sites(ref, x.indices), atol=1e-12)
     g = torch.randn_like(z.features)
     (z.features * g).sum().backward()
-    gd = torch.zeros_like(ref.permute(0, 2, 3, 4, 1))
-    i = x.indices.long()
-    gd[i[:, 0], i[:, 1], i[:, 2], i[:, 3]] = g
-    (ref * gd.permute(0, 4, 1, 2, 3)).sum().backward()
+    (ref * z.replace_feature(g).dense()).sum().backward()
     assert torch.allclose(feats.grad, at_sites(yd.grad, y.indices), atol=1e-12)
 
 

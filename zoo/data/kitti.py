@@ -30,13 +30,19 @@ __all__ = [
     "CLASSES", "KittiObject", "Calib", "read_points", "write_points", "read_calib", "write_calib",
     "read_labels", "write_labels", "read_image", "read_split", "labels_to_arrays",
     "camera_to_lidar_boxes", "lidar_to_camera_boxes", "camera_box_corners", "image_boxes",
-    "in_image", "crop_to_range", "frame_paths", "predictions_to_objects",
+    "in_image", "crop_to_range", "frame_paths", "predictions_to_objects", "points_in_boxes",
+    "MIN_HEIGHT", "MAX_OCCLUSION", "MAX_TRUNCATION",
 ]
 
 # label_2's object types; DontCare marks regions the evaluator neither rewards nor punishes
 CLASSES = ("Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc", "DontCare")
 _CALIB_KEYS = ("P0", "P1", "P2", "P3", "R0_rect", "Tr_velo_to_cam", "Tr_imu_to_velo")
 _REQUIRED_CALIB = ("P0", "P1", "P2", "P3", "R0_rect", "Tr_velo_to_cam")
+# KITTI's difficulty limits, easy / moderate / hard: 2D box height in pixels, occlusion level,
+# truncation
+MIN_HEIGHT = (40, 25, 25)
+MAX_OCCLUSION = (0, 1, 2)
+MAX_TRUNCATION = (0.15, 0.3, 0.5)
 
 
 @dataclasses.dataclass
@@ -338,6 +344,18 @@ def in_image(points: np.ndarray, calib: Calib, image_shape: tuple[int, int]) -> 
     uv, depth = calib.lidar_to_image(points)
     h, w = image_shape
     return (uv[:, 0] >= 0) & (uv[:, 0] < w) & (uv[:, 1] >= 0) & (uv[:, 1] < h) & (depth >= 0)
+
+
+def points_in_boxes(points: np.ndarray, boxes: np.ndarray, margin: float = 0.0) -> np.ndarray:
+    """``[N, K]`` bool: point n lies inside LiDAR box k (grown by `margin` on every side)."""
+    if len(boxes) == 0:
+        return np.zeros((len(points), 0), dtype=bool)
+    rel = points[:, None, :3] - boxes[None, :, :3]
+    c, s = np.cos(-boxes[:, 6]), np.sin(-boxes[:, 6])
+    lx = c * rel[..., 0] - s * rel[..., 1]
+    ly = s * rel[..., 0] + c * rel[..., 1]
+    return ((np.abs(lx) <= boxes[:, 3] / 2 + margin) & (np.abs(ly) <= boxes[:, 4] / 2 + margin)
+            & (np.abs(rel[..., 2]) <= boxes[:, 5] / 2 + margin))
 
 
 def crop_to_range(points: np.ndarray, point_range: Sequence[float]) -> np.ndarray:

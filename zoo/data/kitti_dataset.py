@@ -32,41 +32,26 @@ import numpy as np
 import torch
 
 from zoo.boxes import bev_iou
-from zoo.data.kitti import (camera_to_lidar_boxes, frame_paths, in_image, read_calib, read_image, read_labels,
-                            read_points, read_split)
+from zoo.data.kitti import (MAX_OCCLUSION, MAX_TRUNCATION, MIN_HEIGHT, camera_to_lidar_boxes, frame_paths, in_image,
+                            points_in_boxes, read_calib, read_image, read_labels, read_points, read_split)
 from zoo.errors import DataError
 from zoo.io import atomic_write, atomic_write_json
 
 __all__ = ["KittiDetection", "build_gt_database", "GtSampler", "undo_augmentation", "collate", "points_in_boxes",
            "difficulty"]
 
-_MIN_HEIGHT = (40, 25, 25)
-_MAX_OCCLUSION = (0, 1, 2)
-_MAX_TRUNCATION = (0.15, 0.3, 0.5)
 
 
 def difficulty(obj) -> int:
     """KITTI difficulty of a label: 0 easy, 1 moderate, 2 hard, -1 none of them."""
     height = obj.bbox[3] - obj.bbox[1]
     for d in range(3):
-        if height >= _MIN_HEIGHT[d] and obj.occluded <= _MAX_OCCLUSION[d] and obj.truncated <= _MAX_TRUNCATION[d]:
+        if height >= MIN_HEIGHT[d] and obj.occluded <= MAX_OCCLUSION[d] and obj.truncated <= MAX_TRUNCATION[d]:
             return d
     return -1
 
 
-def points_in_boxes(points: np.ndarray, boxes: np.ndarray, margin: float = 0.0) -> np.ndarray:
-    """``[N, K]`` bool: point n lies inside LiDAR box k (grown by `margin` on every side)."""
-    if len(boxes) == 0:
-        return np.zeros((len(points), 0), dtype=bool)
-    rel = points[:, None, :3] - boxes[None, :, :3]
-    c, s = np.cos(-boxes[:, 6]), np.sin(-boxes[:, 6])
-    lx = c * rel[..., 0] - s * rel[..., 1]
-    ly = s * rel[..., 0] + c * rel[..., 1]
-    return ((np.abs(lx) <= boxes[:, 3] / 2 + margin) & (np.abs(ly) <= boxes[:, 4] / 2 + margin)
-            & (np.abs(rel[..., 2]) <= boxes[:, 5] / 2 + margin))
-
-
-def _read_frame(split_dir: Path, idx: str, classes: Sequence[str] | None = None):
+def _read_frame(split_dir: Path, idx: str):
     p = frame_paths(split_dir, idx)
     points = read_points(p["velodyne"])
     calib = read_calib(p["calib"])

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from zoo.boxes import bev_iou
-from zoo.data.kitti import (Calib, KittiObject, image_boxes, lidar_to_camera_boxes,
+from zoo.data.kitti import (Calib, KittiObject, image_boxes, lidar_to_camera_boxes, points_in_boxes,
                             write_calib, write_labels, write_points)
 from zoo.errors import DataError
 from zoo.io import atomic_write
@@ -359,13 +359,7 @@ def make_frame(seed: int, image_size: tuple[int, int] = IMAGE_SIZE, render: bool
         cam = lidar_to_camera_boxes(scene.boxes, calib)
         in_front = cam[:, 2] > 1.0
         # LiDAR returns on each object (points inside its box, slightly grown)
-        rel = points[:, None, :3] - scene.boxes[None, :, :3]
-        c, s = np.cos(-scene.boxes[:, 6]), np.sin(-scene.boxes[:, 6])
-        lx = c * rel[..., 0] - s * rel[..., 1]
-        ly = s * rel[..., 0] + c * rel[..., 1]
-        inside = (np.abs(lx) <= scene.boxes[:, 3] / 2 + 0.05) & (np.abs(ly) <= scene.boxes[:, 4] / 2 + 0.05) & \
-                 (np.abs(rel[..., 2]) <= scene.boxes[:, 5] / 2 + 0.05)
-        n_points = inside.sum(0)
+        n_points = points_in_boxes(points, scene.boxes, margin=0.05).sum(0)
         if render:
             image, visible, alone, box2d = render_frame(scene, calib, image_size, rng)
         else:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from zoo.boxes import bev_intersection
-from zoo.data.kitti import CLASSES, labels_to_arrays, read_labels
+from zoo.data.kitti import MAX_OCCLUSION, MAX_TRUNCATION, MIN_HEIGHT, labels_to_arrays, read_labels
 from zoo.errors import DataError
 
 __all__ = ["evaluate", "evaluate_annos", "format_results", "DIFFICULTIES", "MIN_OVERLAPS"]
@@ -37,9 +37,6 @@ MIN_OVERLAPS = np.array([
     [[0.7, 0.5, 0.5, 0.7, 0.5, 0.7]] * 3,
     [[0.7, 0.5, 0.5, 0.7, 0.5, 0.5], [0.5, 0.25, 0.25, 0.5, 0.25, 0.5], [0.5, 0.25, 0.25, 0.5, 0.25, 0.5]],
 ])
-_MIN_HEIGHT = (40, 25, 25)
-_MAX_OCCLUSION = (0, 1, 2)
-_MAX_TRUNCATION = (0.15, 0.3, 0.5)
 _NEIGHBOUR = {"car": "van", "pedestrian": "person_sitting"}  # counted as neither hit nor miss
 _N_SAMPLE = 41
 
@@ -173,14 +170,14 @@ def _clean(g: dict, d: dict, cls: int, diff: int) -> tuple[np.ndarray, np.ndarra
     name = _EVAL_CLASSES[cls].lower()
     gname = np.array([n.lower() for n in g["name"]], dtype=object)
     height = g["bbox"][:, 3] - g["bbox"][:, 1]
-    hard = ((g["occluded"] > _MAX_OCCLUSION[diff]) | (g["truncated"] > _MAX_TRUNCATION[diff])
-            | (height <= _MIN_HEIGHT[diff]))
+    hard = ((g["occluded"] > MAX_OCCLUSION[diff]) | (g["truncated"] > MAX_TRUNCATION[diff])
+            | (height <= MIN_HEIGHT[diff]))
     same = gname == name
     neighbour = gname == _NEIGHBOUR.get(name, "\0")
     ig_gt = np.where(same & ~hard, 0, np.where(neighbour | same, 1, -1)).astype(np.int64)
     dname = np.array([n.lower() for n in d["name"]], dtype=object)
     dh = np.abs(d["bbox"][:, 3] - d["bbox"][:, 1])
-    ig_dt = np.where(dh < _MIN_HEIGHT[diff], 1, np.where(dname == name, 0, -1)).astype(np.int64)
+    ig_dt = np.where(dh < MIN_HEIGHT[diff], 1, np.where(dname == name, 0, -1)).astype(np.int64)
     return ig_gt, ig_dt, int((ig_gt == 0).sum())
 
 
