@@ -15,6 +15,10 @@ from zoo.testing import randomize_, rel_err
 V1 = ["efficientformer_l1", "efficientformer_l3", "efficientformer_l7"]
 V2 = ["efficientformerv2_s0", "efficientformerv2_s1", "efficientformerv2_s2", "efficientformerv2_l"]
 ALL = V1 + V2
+# The two largest models convert through the same code as the smaller ones of their family and
+# take most of the export tests' time: their exports run with `-m slow`.
+LARGEST = ("efficientformer_l7", "efficientformerv2_l")
+EXPORTED = [pytest.param(n, marks=pytest.mark.slow) if n in LARGEST else n for n in ALL]
 
 # The papers' tables (arXiv 2206.01191 Table 1, 2212.08059 Table 2): params (M), GMACs.
 PAPER = {
@@ -184,7 +188,7 @@ def test_timm_interface_distillation_and_training_parts(name):
     assert biases and all(id(p) in no_decay for p in biases)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", EXPORTED)
 def test_onnx_export_matches_onnxruntime_with_dynamic_batch(name, tmp_path):
     model = randomize_(zoo.create_model(name), scale=0.1)
     report = zoo.export.to_onnx(model, tmp_path / f"{name}.onnx", verbose=False)
@@ -193,7 +197,7 @@ def test_onnx_export_matches_onnxruntime_with_dynamic_batch(name, tmp_path):
     assert all(c.rel_diff < 1e-4 for c in report.comparisons)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", EXPORTED)
 def test_coreml_export(name, tmp_path):
     pytest.importorskip("coremltools")
     report = zoo.export.to_coreml(name, tmp_path / f"{name}.mlpackage", verbose=False)

@@ -104,17 +104,24 @@ def test_results_do_not_depend_on_input_order_or_threads(threads):
                            SubMConv3d(8, 8, 3, indice_key="c"),
                            SparseInverseConv3d(8, 4, 3, indice_key="b"))
     perm = torch.randperm(len(x.indices), generator=torch.Generator().manual_seed(4))
-    shuffled = SparseTensor(x.features[perm], x.indices[perm], x.spatial_shape, x.batch_size)
+    feats = x.features.clone().requires_grad_(True)
+    shuffled_feats = x.features[perm].clone().requires_grad_(True)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        ref = _sorted_by_site(net(x))
+        y = net(SparseTensor(feats, x.indices, x.spatial_shape, x.batch_size))
+        (y.features ** 2).sum().backward()
+        ref = _sorted_by_site(y)
         torch.set_num_threads(threads)
-        got = _sorted_by_site(net(shuffled))
+        y = net(SparseTensor(shuffled_feats, x.indices[perm], x.spatial_shape, x.batch_size))
+        (y.features ** 2).sum().backward()
+        got = _sorted_by_site(y)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(ref[0], got[0])
-    assert torch.equal(ref[1], got[1])  # bitwise: each site's sum runs in one fixed order
+    # bitwise, values and input gradients: each site's sum runs in one fixed order
+    assert torch.equal(shuffled_feats.grad, feats.grad[perm])
+    assert torch.equal(ref[1], got[1])
 
 
 def test_rules_are_cached_by_indice_key():
@@ -137,6 +144,18 @@ def test_spconv_weight_layouts_load():
     assert torch.equal(convert_spconv_weight(v1, 3, 5, (3, 3, 3)), w2)
     with pytest.raises(WeightsError, match=r"\(4, 4\)"):
         layer.load_state_dict({"weight": torch.zeros(4, 4)})
+
+
+def test_an_empty_grid_passes_through_every_layer_with_gradients():
+    """A frame with no points in range: every layer returns no sites, and backward still runs."""
+    empty = SparseTensor(torch.zeros(0, 3, dtype=torch.float64, requires_grad=True),
+                         torch.zeros(0, 4, dtype=torch.int32), (5, 6, 7), 1)
+    net = SparseSequential(SubMConv3d(3, 4, 3, indice_key="a"), SparseConv3d(4, 4, 3, stride=2, indice_key="b"),
+                           SparseInverseConv3d(4, 2, 3, indice_key="b")).double()
+    y = net(empty)
+    assert y.features.shape == (0, 2) and y.indices.shape == (0, 4) and tuple(y.spatial_shape) == (5, 6, 7)
+    y.features.sum().backward()
+    assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
 
 
 def test_bad_configurations():

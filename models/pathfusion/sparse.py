@@ -10,11 +10,11 @@ A `SparseTensor` holds ``features [N, C]`` and ``indices [N, 4]`` int32 as ``(ba
 on a grid of ``spatial_shape = (D, H, W)``. Convolution is correlation, as `torch.nn.functional.
 conv3d`: output site ``q`` sums ``W[o] @ x[q * stride - padding + o]`` over kernel offsets ``o``
 (a submanifold convolution keeps its input sites and centres the kernel on them). Each layer
-builds a neighbour table ``[M_out, K]`` (the input row for every output site and kernel offset,
-or none) once per `indice_key` and reuses it; then, per kernel offset, it gathers the input
-rows of that offset's valid pairs, multiplies them by the offset's weight and adds them into
-their output rows. An output row has at most one pair per offset, so a site's sum runs over
-the offsets in a fixed order and does not depend on the order of the input rows.
+builds a rule book once per `indice_key` and reuses it: for every kernel offset, the (output
+row, input row) pairs it joins. Then, offset by offset, it gathers the pairs' input rows,
+multiplies them by the offset's weight and adds them into their output rows. An output row has
+at most one pair per offset, so a site's sum runs over the offsets in a fixed order and does
+not depend on the order of the input rows; the backward runs the same way from the other side.
 
 Weights are stored as spconv 2.x stores them: ``[C_out, kD, kH, kW, C_in]``. Checkpoints from
 spconv 1.x (``[kD, kH, kW, C_in, C_out]``) and 2.0/2.1 (``[kD, kH, kW, C_out, C_in]``) load
@@ -48,25 +48,36 @@ def _triple(v) -> tuple[int, int, int]:
 
 @dataclass
 class _Rules:
-    """A neighbour table and the sites it maps to."""
+    """A rule book: the (output row, input row) pairs of every kernel offset, and the sites.
 
-    nbr: torch.Tensor  # [M_out, K] int64 rows of the input, N_in meaning "none"
+    ``out_rows`` and ``in_rows`` ``[P]`` int64 hold the pairs offset by offset (``counts[k]``
+    pairs for offset ``k``, in the weight's flattening order); an output row appears at most
+    once per offset."""
+
+    out_rows: torch.Tensor
+    in_rows: torch.Tensor
+    counts: list
     out_indices: torch.Tensor  # [M_out, 4] int32
     out_shape: tuple[int, int, int]
-    in_indices: torch.Tensor  # [N_in, 4], for the inverse convolution
+    in_indices: torch.Tensor  # [N_in, 4]
     in_shape: tuple[int, int, int]
     kernel: tuple[int, int, int]
-    pairs: list | None = None  # per kernel offset: (offset, output rows, input rows), made on first use
+    _inverse: "_Rules | None" = field(default=None, repr=False)
 
-    def offset_pairs(self, n_in: int) -> list:
-        if self.pairs is None:
-            self.pairs = []
-            for k in range(self.nbr.shape[1]):
-                col = self.nbr[:, k]
-                rows = torch.nonzero(col < n_in).squeeze(1)
-                if rows.numel():
-                    self.pairs.append((k, rows, col.index_select(0, rows)))
-        return self.pairs
+    def inverse(self) -> "_Rules":
+        """The rule book of the transposed convolution: the same pairs, outputs and inputs swapped."""
+        if self._inverse is None:
+            self._inverse = _Rules(self.in_rows, self.out_rows, self.counts, self.in_indices, self.in_shape,
+                                   self.out_indices, self.out_shape, self.kernel)
+        return self._inverse
+
+    def segments(self):
+        """``(offset, start, end)`` of each offset's pairs that has any."""
+        start = 0
+        for k, c in enumerate(self.counts):
+            if c:
+                yield k, start, start + c
+            start += c
 
 
 @dataclass
@@ -110,10 +121,14 @@ class SparseTensor:
         return cls(feats, idx.int(), shape, b)
 
 
-def _keys(indices: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+def _padded_keys(indices: torch.Tensor, shape, margin) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Row-major keys of ``(batch, z, y, x)`` on the grid padded by `margin` on every side, and
+    the padded shape: a neighbour up to `margin` away never wraps into another row or sample, so
+    neighbour keys are the site's key plus a constant and need no bounds check."""
     i = indices.long()
-    d, h, w = shape
-    return ((i[:, 0] * d + i[:, 1]) * h + i[:, 2]) * w + i[:, 3]
+    d, h, w = (s + 2 * m for s, m in zip(shape, margin))
+    keys = ((i[:, 0] * d + i[:, 1] + margin[0]) * h + i[:, 2] + margin[1]) * w + i[:, 3] + margin[2]
+    return keys, (d, h, w)
 
 
 def _offsets(kernel, device) -> torch.Tensor:
@@ -122,33 +137,42 @@ def _offsets(kernel, device) -> torch.Tensor:
     return torch.stack([x.reshape(-1) for x in g], dim=1)
 
 
-def _lookup(sorted_keys, order, query, valid, n):
-    """Row of each query key among the input sites, or `n` where absent or invalid."""
-    pos = torch.searchsorted(sorted_keys, query).clamp_max(max(len(sorted_keys) - 1, 0))
-    if not len(sorted_keys):
-        return torch.full_like(pos, n)
-    flat = pos.reshape(-1)
-    hit = valid & (sorted_keys.index_select(0, flat).reshape(pos.shape) == query)
-    return torch.where(hit, order.index_select(0, flat).reshape(pos.shape), torch.full_like(pos, n))
-
-
 def _subm_rules(x: SparseTensor, kernel) -> _Rules:
+    """Pairs of a submanifold convolution. Offsets ``k`` and ``K - 1 - k`` are mirror images (a
+    site pairs with its neighbour at ``+o`` exactly when the neighbour pairs with it at ``-o``),
+    so only the first half is looked up and the centre pairs every site with itself."""
     shape = x.spatial_shape
     n = x.indices.shape[0]
-    keys = _keys(x.indices, shape)
+    dev = x.indices.device
+    half = [k // 2 for k in kernel]
+    keys, (_, h, w) = _padded_keys(x.indices, shape, half)
     sorted_keys, order = keys.sort()
-    offs = _offsets(kernel, x.indices.device) - torch.tensor([k // 2 for k in kernel], device=x.indices.device)
-    coords = x.indices[:, 1:].long()[:, None, :] + offs[None]  # [N, K, 3]
-    lim = torch.tensor(shape, device=coords.device)
-    valid = ((coords >= 0) & (coords < lim)).all(-1)
-    b = x.indices[:, :1].long().expand(-1, offs.shape[0])
-    q = ((b * shape[0] + coords[..., 0]) * shape[1] + coords[..., 1]) * shape[2] + coords[..., 2]
-    nbr = _lookup(sorted_keys, order, q, valid, n)
-    return _Rules(nbr, x.indices, shape, x.indices, shape, kernel)
+    offs = _offsets(kernel, dev) - torch.tensor(half, device=dev)
+    n_off = offs.shape[0]
+    deltas = (offs[: n_off // 2, 0] * h + offs[: n_off // 2, 1]) * w + offs[: n_off // 2, 2]
+    query = sorted_keys[None, :] + deltas[:, None]  # [K/2, N], each row ascending: cache-friendly search
+    pos = torch.searchsorted(sorted_keys, query).clamp_max_(max(n - 1, 0))
+    hit = sorted_keys[pos] == query if n else torch.zeros_like(query, dtype=torch.bool)
+    kk, ss = hit.nonzero(as_tuple=True)
+    first_out, first_in = order[ss], order[pos[kk, ss]]
+    first_counts = hit.sum(1).tolist()
+    centre = torch.arange(n, device=dev)
+    # the mirrored half: offset K-1-k holds offset k's pairs swapped, offsets taken in ascending order
+    starts = [0]
+    for c in first_counts:
+        starts.append(starts[-1] + c)
+    outs, ins, counts = [first_out, centre], [first_in, centre], first_counts + [n]
+    for k in range(n_off // 2 - 1, -1, -1):
+        outs.append(first_in[starts[k]:starts[k + 1]])
+        ins.append(first_out[starts[k]:starts[k + 1]])
+        counts.append(first_counts[k])
+    return _Rules(torch.cat(outs), torch.cat(ins), counts, x.indices, shape, x.indices, shape, tuple(kernel))
 
 
 def _conv_rules(x: SparseTensor, kernel, stride, padding, dilation) -> _Rules:
-    """spconv's rule: an output site exists wherever any active input falls in its window."""
+    """spconv's rule: an output site exists wherever any active input falls in its window. Input
+    ``i`` meets output ``q`` through offset ``o`` when ``i = q * stride - padding + o * dilation``;
+    the candidates are found axis by axis and combined."""
     shape = x.spatial_shape
     out_shape = tuple((s + 2 * p - d * (k - 1) - 1) // st + 1
                       for s, k, st, p, d in zip(shape, kernel, stride, padding, dilation))
@@ -157,51 +181,67 @@ def _conv_rules(x: SparseTensor, kernel, stride, padding, dilation) -> _Rules:
                           f"output on a {shape} grid")
     n = x.indices.shape[0]
     dev = x.indices.device
-    offs = _offsets(kernel, dev) * torch.tensor(dilation, device=dev)  # [K, 3]
-    st = torch.tensor(stride, device=dev)
-    pad = torch.tensor(padding, device=dev)
-    lim = torch.tensor(out_shape, device=dev)
-    num = x.indices[:, None, 1:].long() + pad - offs[None]  # [N, K, 3] = q * stride
-    q = torch.div(num, st, rounding_mode="floor")
-    valid = ((num % st) == 0).all(-1) & ((q >= 0) & (q < lim)).all(-1)
-    b = x.indices[:, :1].long().expand(-1, offs.shape[0])
-    qk = ((b * out_shape[0] + q[..., 0]) * out_shape[1] + q[..., 1]) * out_shape[2] + q[..., 2]
-    out_keys = torch.unique(qk[valid])  # sorted: the output order is the key order
+    i = x.indices.long()
+    qs, oks = [], []
+    for a in range(3):
+        num = i[:, 1 + a, None] + padding[a] - torch.arange(kernel[a], device=dev)[None] * dilation[a]  # [N, k]
+        q = torch.div(num, stride[a], rounding_mode="floor")
+        qs.append(q)
+        oks.append((num % stride[a] == 0) & (q >= 0) & (q < out_shape[a]))
+    valid = oks[0][:, :, None, None] & oks[1][:, None, :, None] & oks[2][:, None, None, :]
+    qk = ((i[:, 0, None, None, None] * out_shape[0] + qs[0][:, :, None, None]) * out_shape[1]
+          + qs[1][:, None, :, None]) * out_shape[2] + qs[2][:, None, None, :]
+    n_off = math.prod(kernel)
+    valid_t = valid.reshape(n, n_off).t()  # [K, N]: pairs come out offset by offset
+    in_rows = valid_t.nonzero(as_tuple=True)[1]
+    pair_keys = qk.reshape(n, n_off).t()[valid_t]
+    counts = valid_t.sum(1).tolist()
+    out_keys, out_rows = torch.unique(pair_keys, sorted=True, return_inverse=True)  # output order is key order
     hw = out_shape[1] * out_shape[2]
     out_idx = torch.stack([out_keys // (out_shape[0] * hw), (out_keys // hw) % out_shape[0],
                            (out_keys // out_shape[2]) % out_shape[1], out_keys % out_shape[2]], 1).int()
-    # neighbour table: for output j and offset o, the input at j * stride - padding + o
-    oc = out_idx[:, None, 1:].long() * st - pad + offs[None]
-    in_lim = torch.tensor(shape, device=dev)
-    ok = ((oc >= 0) & (oc < in_lim)).all(-1)
-    ob = out_idx[:, :1].long().expand(-1, offs.shape[0])
-    ik = ((ob * shape[0] + oc[..., 0]) * shape[1] + oc[..., 1]) * shape[2] + oc[..., 2]
-    sorted_keys, order = _keys(x.indices, shape).sort()
-    nbr = _lookup(sorted_keys, order, ik, ok, n)
-    return _Rules(nbr, out_idx, out_shape, x.indices, shape, kernel)
+    return _Rules(out_rows, in_rows, counts, out_idx, out_shape, x.indices, shape, tuple(kernel))
 
 
-def _inverse_table(rules: _Rules) -> torch.Tensor:
-    """[N_in, K]: for each input site of a strided convolution and offset, the output site that
-    read it through that offset (each pair is unique), or M_out."""
-    n_in = rules.in_indices.shape[0]
-    m, k = rules.nbr.shape
-    inv = torch.full((n_in + 1, k), m, dtype=torch.long, device=rules.nbr.device)
-    rows = torch.arange(m, device=rules.nbr.device)[:, None].expand(-1, k)
-    cols = torch.arange(k, device=rules.nbr.device)[None].expand(m, -1)
-    inv[rules.nbr, cols] = rows  # writes for the "none" row land in the extra row n_in
-    return inv[:n_in]
+class _GatherMatmulSum(torch.autograd.Function):
+    """``out[j] = sum over pairs (j, i, k) of W[k] @ x[i]`` with ``weight [C_out, K, C_in]``: per
+    offset, gather its pairs' input rows, multiply by its weight and add into their output rows.
+    An output row (and, in the backward, an input row) has at most one pair per offset, so every
+    sum runs over the offsets in their fixed order whatever the order of the sites.
+
+    Offset by offset rather than one gather of all pairs: the temporaries stay a few MB, where one
+    buffer of every pair's row (tens of MB) costs more in fresh pages than the products."""
+
+    @staticmethod
+    def forward(ctx, features, weight, rules):
+        ctx.rules = rules
+        ctx.save_for_backward(features, weight)
+        out = features.new_zeros((len(rules.out_indices), weight.shape[0]))
+        for k, a, b in rules.segments():
+            out.index_add_(0, rules.out_rows[a:b], features.index_select(0, rules.in_rows[a:b]) @ weight[:, k].t())
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        features, weight = ctx.saved_tensors
+        rules = ctx.rules
+        grad = grad.contiguous()
+        want_x, want_w = ctx.needs_input_grad[:2]
+        grad_x = torch.zeros_like(features) if want_x else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        for k, a, b in rules.segments():
+            g = grad.index_select(0, rules.out_rows[a:b])
+            if want_w:
+                grad_w[:, k] = g.t() @ features.index_select(0, rules.in_rows[a:b])
+            if want_x:
+                grad_x.index_add_(0, rules.in_rows[a:b], g @ weight[:, k])
+        return grad_x, grad_w, None
 
 
-def _apply(features: torch.Tensor, rules: "_Rules", weight: torch.Tensor) -> torch.Tensor:
-    """``out[j] = sum over offsets o of W[o] @ x[nbr[j, o]]`` with ``weight [C_out, K, C_in]``:
-    per offset, gather the input rows of its valid pairs only, multiply, and add them into
-    their output rows. Within one offset an output row has at most one pair, so each site's
-    sum runs over the offsets in a fixed order whatever the order of the input rows."""
-    out = features.new_zeros((rules.nbr.shape[0], weight.shape[0]))
-    for k, out_rows, in_rows in rules.offset_pairs(features.shape[0]):
-        out.index_add_(0, out_rows, features.index_select(0, in_rows) @ weight[:, k, :].t())
-    return out
+def _apply(features: torch.Tensor, rules: _Rules, weight: torch.Tensor) -> torch.Tensor:
+    """The convolution's output features ``[M_out, C_out]`` for ``weight [C_out, K, C_in]``."""
+    return _GatherMatmulSum.apply(features, weight, rules)
 
 
 class SparseModule(nn.Module):
@@ -289,8 +329,7 @@ class SparseInverseConv3d(_SparseConvBase):
                               "with that key earlier in the network")
         if tuple(fwd.kernel) != self.kernel_size:
             raise ConfigError(f"kernel {self.kernel_size} does not match the forward layer's {fwd.kernel}")
-        inv = _inverse_table(fwd)
-        rules = _Rules(inv, fwd.in_indices, fwd.in_shape, fwd.out_indices, fwd.out_shape, fwd.kernel)
+        rules = fwd.inverse()
         return self._out(x, _apply(x.features, rules, self.weight.flatten(1, 3)), rules)
 
 
