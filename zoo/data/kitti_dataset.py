@@ -37,7 +37,8 @@ from zoo.data.kitti import (MAX_OCCLUSION, MAX_TRUNCATION, MIN_HEIGHT, camera_to
 from zoo.errors import DataError
 from zoo.io import atomic_write, atomic_write_json
 
-__all__ = ["KittiDetection", "build_gt_database", "GtSampler", "undo_augmentation", "collate", "points_in_boxes",
+__all__ = ["KittiDetection", "build_gt_database", "GtSampler", "undo_augmentation", "augmentation_matrix",
+           "augmented_lidar_to_image", "collate", "points_in_boxes",
            "difficulty"]
 
 
@@ -173,17 +174,31 @@ def _rotate_z(xyz: np.ndarray, angle: float) -> np.ndarray:
     return out
 
 
+def augmentation_matrix(aug: dict) -> np.ndarray:
+    """The 4x4 float64 map from the frame's LiDAR coordinates to the augmented ones: flip, then
+    rotation, then scaling, the order `KittiDetection` applies them in."""
+    flip = np.diag([1.0, -1.0 if aug.get("flip", False) else 1.0, 1.0, 1.0])
+    c, s = math.cos(aug.get("rotation", 0.0)), math.sin(aug.get("rotation", 0.0))
+    rot = np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=np.float64)
+    scale = np.diag([aug.get("scale", 1.0)] * 3 + [1.0])
+    return scale @ rot @ flip
+
+
 def undo_augmentation(points: np.ndarray | torch.Tensor, aug: dict):
     """Augmented points ``[N, >=3]`` back in the frame's LiDAR coordinates: undo the scaling,
     then the rotation, then the flip (the reverse of the order they were applied in)."""
     is_t = isinstance(points, torch.Tensor)
     p = points.detach().cpu().numpy().astype(np.float64) if is_t else np.asarray(points, np.float64)
-    xyz = p[:, :3] / aug.get("scale", 1.0)
-    xyz = _rotate_z(xyz, -aug.get("rotation", 0.0))
-    if aug.get("flip", False):
-        xyz[:, 1] = -xyz[:, 1]
-    out = np.concatenate([xyz, p[:, 3:]], axis=1)
+    inv = np.linalg.inv(augmentation_matrix(aug))
+    out = np.concatenate([p[:, :3] @ inv[:3, :3].T, p[:, 3:]], axis=1)
     return torch.from_numpy(out).to(points.dtype) if is_t else out
+
+
+def augmented_lidar_to_image(calib, aug: dict) -> np.ndarray:
+    """The 3x4 float64 projection of augmented LiDAR points into cam2's image: un-augment, then
+    LiDAR -> rectified camera -> ``P2``. ``[u, v, w] = M @ [x, y, z, 1]``, pixel ``(u / w, v / w)``;
+    ``w`` is the rectified depth plus ``P2[2, 3]``."""
+    return calib.P2 @ calib.lidar_to_rect_matrix @ np.linalg.inv(augmentation_matrix(aug))
 
 
 class KittiDetection(torch.utils.data.Dataset):
@@ -191,8 +206,9 @@ class KittiDetection(torch.utils.data.Dataset):
 
     Returns dicts: ``frame_id``, ``points`` ``[N, 4]`` float32, ``gt_boxes`` ``[M, 7]`` LiDAR
     boxes of `classes`, ``gt_names``, ``gt_classes`` ``[M]`` (1-based in `classes` order),
-    ``calib``, ``image_shape`` (H, W), ``aug`` (see the module docstring), and ``image``
-    ``[H, W, 3]`` uint8 with ``load_image=True``. `augment` enables the four training
+    ``calib``, ``image_shape`` (H, W), ``aug`` (see the module docstring), ``lidar_to_image``
+    ``[3, 4]`` float64 (the augmented points' projection into the image,
+    `augmented_lidar_to_image`), and ``image`` ``[H, W, 3]`` uint8 with ``load_image=True``. `augment` enables the four training
     augmentations; `sampler` is a `GtSampler` (None: no ground-truth sampling).
     """
 
@@ -270,6 +286,7 @@ class KittiDetection(torch.utils.data.Dataset):
             "gt_boxes": torch.from_numpy(boxes.astype(np.float32)).reshape(-1, 7), "gt_names": names,
             "gt_classes": torch.tensor([self.classes.index(n) + 1 for n in names], dtype=torch.long),
             "calib": calib, "image_shape": shape, "aug": aug,
+            "lidar_to_image": torch.from_numpy(augmented_lidar_to_image(calib, aug)),
         }
         if self.load_image:
             sample["image"] = read_image(frame_paths(self.split_dir, idx)["image_2"])
@@ -278,8 +295,9 @@ class KittiDetection(torch.utils.data.Dataset):
 
 def collate(samples: list[dict]) -> dict:
     """A detector batch: ``points [N, 5]`` (batch index first), ``gt_boxes [B, M, 8]`` (box and
-    1-based class, zero rows padding), ``batch_size``, and the per-sample ``frame_id``,
-    ``calib``, ``image_shape``, ``aug`` (and ``image``) as lists."""
+    1-based class, zero rows padding), ``batch_size``, ``lidar_to_image [B, 3, 4]`` float64
+    (`augmented_lidar_to_image`), and the per-sample ``frame_id``, ``calib``, ``image_shape``,
+    ``aug`` (and ``image``) as lists."""
     pts = [torch.cat([torch.full((len(s["points"]), 1), float(b)), s["points"]], 1) for b, s in enumerate(samples)]
     m = max([len(s["gt_boxes"]) for s in samples] + [1])
     gt = torch.zeros(len(samples), m, 8)
@@ -288,6 +306,8 @@ def collate(samples: list[dict]) -> dict:
         gt[b, :n, :7] = s["gt_boxes"]
         gt[b, :n, 7] = s["gt_classes"].float()
     out = {"points": torch.cat(pts), "gt_boxes": gt, "batch_size": len(samples)}
+    if "lidar_to_image" in samples[0]:
+        out["lidar_to_image"] = torch.stack([s["lidar_to_image"] for s in samples])
     for key in ("frame_id", "calib", "image_shape", "aug", "gt_names", "image"):
         if key in samples[0]:
             out[key] = [s[key] for s in samples]

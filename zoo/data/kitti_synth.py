@@ -169,10 +169,12 @@ def make_scene(rng: np.random.Generator, max_range: float = 50.0) -> Scene:
                  np.array(owner), np.array(colour, dtype=np.float64), np.array(reflect, dtype=np.float64), ground)
 
 
-def make_calib(rng: np.random.Generator | None = None) -> Calib:
+def make_calib(rng: np.random.Generator | None = None, image_size: tuple[int, int] = IMAGE_SIZE) -> Calib:
     """A KITTI-like rig (zoo's own numbers): cam2 1.65 m above the ground, 0.27 m behind and
     0.06 m left of the LiDAR, focal 720 px, principal point near the image centre; `rng`
-    perturbs it slightly, as the rig differs between KITTI drives."""
+    perturbs it slightly, as the rig differs between KITTI drives. Another `image_size` than
+    KITTI's scales the intrinsics with the width (the principal point's row with the height),
+    so a smaller image sees the same horizontal field of view at a lower resolution."""
     j = (lambda s: rng.normal(0, s)) if rng is not None else (lambda s: 0.0)
     axes = np.array([[0.0, -1.0, 0.0], [0.0, 0.0, -1.0], [1.0, 0.0, 0.0]])  # LiDAR (x fwd, y left, z up) -> cam
     a, b, c = j(0.004), j(0.004), j(0.004)
@@ -186,6 +188,9 @@ def make_calib(rng: np.random.Generator | None = None) -> Calib:
     u, _, vt = np.linalg.svd(r0)
     r0 = u @ vt
     f, cu, cv = 720.0 + j(2.0), 609.5 + j(3.0), 172.8 + j(2.0)
+    if tuple(image_size) != IMAGE_SIZE:
+        sx, sy = image_size[1] / IMAGE_SIZE[1], image_size[0] / IMAGE_SIZE[0]
+        f, cu, cv = f * sx, (cu + 0.5) * sx - 0.5, (cv + 0.5) * sy - 0.5
     k = np.array([[f, 0, cu], [0, f, cv], [0, 0, 1.0]])
 
     def proj(tx):  # the camera tx metres to the right of cam0
@@ -352,7 +357,7 @@ def make_frame(seed: int, image_size: tuple[int, int] = IMAGE_SIZE, render: bool
     objects stand at most `max_range` metres ahead."""
     rng = np.random.default_rng(seed)
     scene = make_scene(rng, max_range)
-    calib = make_calib(rng)
+    calib = make_calib(rng, image_size)
     points = cast_lidar(scene, rng)
     objects = []
     if len(scene.names):
