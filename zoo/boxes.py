@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["bev_corners", "bev_intersection", "bev_iou", "iou3d", "nms", "corners3d"]
+__all__ = ["bev_corners", "bev_intersection", "bev_iou", "iou3d", "nms", "corners3d", "points_in_boxes"]
 
 _EPS = 1e-9
 
@@ -165,3 +165,16 @@ def corners3d(boxes: torch.Tensor) -> torch.Tensor:
     z0 = (boxes[:, 2] - boxes[:, 5] / 2)[:, None, None].expand(-1, 4, 1)
     z1 = (boxes[:, 2] + boxes[:, 5] / 2)[:, None, None].expand(-1, 4, 1)
     return torch.cat([torch.cat([bev, z0], -1), torch.cat([bev, z1], -1)], dim=1)
+
+
+def points_in_boxes(points: torch.Tensor, boxes: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """``[N, K]`` bool: point ``points[n, :3]`` lies inside 3D box ``boxes[k, :7]`` grown by
+    `margin` on every side (faces count as inside)."""
+    if len(boxes) == 0:
+        return torch.zeros((len(points), 0), dtype=torch.bool, device=points.device)
+    rel = points[:, None, :3] - boxes[None, :, :3]
+    c, s = torch.cos(-boxes[:, 6]), torch.sin(-boxes[:, 6])
+    lx = c * rel[..., 0] - s * rel[..., 1]
+    ly = s * rel[..., 0] + c * rel[..., 1]
+    return ((lx.abs() <= boxes[:, 3] / 2 + margin) & (ly.abs() <= boxes[:, 4] / 2 + margin)
+            & (rel[..., 2].abs() <= boxes[:, 5] / 2 + margin))

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import torch
 
+from zoo.boxes import points_in_boxes as _points_in_boxes
 from zoo.errors import DataError
 from zoo.io import atomic_write
 
@@ -347,15 +349,12 @@ def in_image(points: np.ndarray, calib: Calib, image_shape: tuple[int, int]) -> 
 
 
 def points_in_boxes(points: np.ndarray, boxes: np.ndarray, margin: float = 0.0) -> np.ndarray:
-    """``[N, K]`` bool: point n lies inside LiDAR box k (grown by `margin` on every side)."""
-    if len(boxes) == 0:
-        return np.zeros((len(points), 0), dtype=bool)
-    rel = points[:, None, :3] - boxes[None, :, :3]
-    c, s = np.cos(-boxes[:, 6]), np.sin(-boxes[:, 6])
-    lx = c * rel[..., 0] - s * rel[..., 1]
-    ly = s * rel[..., 0] + c * rel[..., 1]
-    return ((np.abs(lx) <= boxes[:, 3] / 2 + margin) & (np.abs(ly) <= boxes[:, 4] / 2 + margin)
-            & (np.abs(rel[..., 2]) <= boxes[:, 5] / 2 + margin))
+    """``[N, K]`` bool: point n lies inside LiDAR box k (grown by `margin` on every side);
+    `zoo.boxes.points_in_boxes` in float64 on numpy arrays."""
+    b = np.asarray(boxes, np.float64)
+    b = b.reshape(0, 7) if b.size == 0 else b[:, :7]
+    pts = torch.from_numpy(np.asarray(points, np.float64))
+    return _points_in_boxes(pts, torch.from_numpy(b), margin).numpy()
 
 
 def crop_to_range(points: np.ndarray, point_range: Sequence[float]) -> np.ndarray:
