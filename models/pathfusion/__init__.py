@@ -4,7 +4,10 @@
 - `sparse`: `SparseTensor`, `SubMConv3d`, `SparseConv3d`, `SparseInverseConv3d` in plain PyTorch;
 - `backbone3d`, `bev`, `center_head`: OpenPCDet's VoxelBackBone8x, HeightCompression,
   BaseBEVBackbone and CenterHead, with its module names;
-- `detector`: the stages as one `LidarDetector`, configured by YAML (``configs/``).
+- `detector`: the stages as one `LidarDetector`, configured by YAML (``configs/``);
+- camera fusion (in progress): `image_branch` (Focals Conv's DeepLabV3 branch, any zoo
+  backbone), `lifting` (voxels to pixels and image features), `focal` (Focals Conv's focal
+  sparse convolution), `fusion` (the fused backbone, deep fusion, the path consistency loss).
 
 Registers ``pathfusion_lidar_kitti`` (KITTI's full settings) and ``pathfusion_lidar_tiny``.
 """
@@ -17,10 +20,15 @@ from .detector import CONFIGS, LidarDetector, build_lidar_detector, load_config,
 from .sparse import (SparseConv3d, SparseInverseConv3d, SparseModule, SparseSequential, SparseTensor,
                      SubMConv3d, convert_spconv_weight)
 from .voxels import MeanVFE, grid_size, voxelize
+from .focal import FocalSparseConv
+from .fusion import DeepFusion, VoxelBackBone8xFusion
+from .image_branch import DeepLabV3Branch, ZooImageBranch, build_image_branch
+from .lifting import lift
 
 __all__ = ["voxelize", "grid_size", "MeanVFE", "SparseTensor", "SparseModule", "SubMConv3d", "SparseConv3d",
            "SparseInverseConv3d", "SparseSequential", "convert_spconv_weight", "LidarDetector",
-           "build_lidar_detector", "load_config", "load_openpcdet_state"]
+           "build_lidar_detector", "load_config", "load_openpcdet_state", "FocalSparseConv", "DeepFusion",
+           "VoxelBackBone8xFusion", "DeepLabV3Branch", "ZooImageBranch", "build_image_branch", "lift"]
 
 PAPER = Paper("PathFusion: Path-consistent Lidar-Camera Deep Feature Fusion", "2212.06244")
 
