@@ -270,7 +270,7 @@ def benchmark(
     from zoo.registry import model_card
 
     names = expand_names(names)
-    detectors = [n for n in names if model_card(n).input.kind == "lidar-points"]
+    detectors = [n for n in names if model_card(n).task == "3d-detection"]
     if detectors:
         raise ConfigError(f"{', '.join(detectors)}: zoo benchmark times image models and point cloud generators; "
                           "benchmarks/sparse_conv.py times the 3D detectors.")

@@ -56,7 +56,9 @@ class InputSpec:
 
     kind: ``image`` (a float ``[B, C, H, W]`` tensor, normalised with `mean`/`std`);
     ``point-noise`` (a ``[B, N, 3]`` cloud); ``lidar-points`` (a detector's batch dict with
-    ``points [B * N, 5]``: batch index, x, y, z, reflectance).
+    ``points [B * N, 5]``: batch index, x, y, z, reflectance); ``lidar-camera`` (shape
+    ``(N, 5, H, W)``: the same plus an ``[H, W, 3]`` uint8 ``image`` per sample and its
+    ``lidar_to_image [B, 3, 4]`` projection).
     For images, `crop_pct` and `interpolation` describe the eval transform as timm does.
     """
 
@@ -73,12 +75,20 @@ class InputSpec:
         ``lidar-points`` (shape ``(N, 5)``): one batch dict of N points per sample, batch index
         first, spread over 40 m x 40 m in front of the sensor and 2 m of height."""
         g = torch.Generator().manual_seed(seed)
-        if self.kind == "lidar-points":
+        if self.kind in ("lidar-points", "lidar-camera"):
             n = self.shape[0]
             pts = torch.rand((batch_size * n, 4), generator=g)
             pts[:, :3] = pts[:, :3] * torch.tensor([40.0, 40.0, 2.0]) - torch.tensor([0.0, 20.0, 2.0])
             idx = torch.arange(batch_size).repeat_interleave(n).float().unsqueeze(1)
-            return ({"points": torch.cat([idx, pts], 1), "batch_size": batch_size},)
+            batch = {"points": torch.cat([idx, pts], 1), "batch_size": batch_size}
+            if self.kind == "lidar-camera":
+                h, w = self.shape[2:]
+                f = w / 2  # a 90-degree camera at the sensor looking along +x: u = w/2 - f y/x, v = h/2 - f z/x
+                m = torch.tensor([[w / 2, -f, 0.0, 0.0], [h / 2, 0.0, -f, 0.0], [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+                batch["image"] = [torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8)
+                                  for _ in range(batch_size)]
+                batch["lidar_to_image"] = m.expand(batch_size, 3, 4).clone()
+            return (batch,)
         return (torch.randn((batch_size, *self.shape), generator=g),)
 
     def to_dict(self) -> dict:

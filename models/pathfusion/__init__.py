@@ -22,13 +22,17 @@ from .sparse import (SparseConv3d, SparseInverseConv3d, SparseModule, SparseSequ
 from .voxels import MeanVFE, grid_size, voxelize
 from .focal import FocalSparseConv
 from .fusion import DeepFusion, VoxelBackBone8xFusion
+from .fusion_detector import (FusionDetector, build_fusion_detector, is_fusion_config, load_focals_conv_state,
+                              prepare_images)
 from .image_branch import DeepLabV3Branch, ZooImageBranch, build_image_branch
 from .lifting import lift
 
 __all__ = ["voxelize", "grid_size", "MeanVFE", "SparseTensor", "SparseModule", "SubMConv3d", "SparseConv3d",
            "SparseInverseConv3d", "SparseSequential", "convert_spconv_weight", "LidarDetector",
            "build_lidar_detector", "load_config", "load_openpcdet_state", "FocalSparseConv", "DeepFusion",
-           "VoxelBackBone8xFusion", "DeepLabV3Branch", "ZooImageBranch", "build_image_branch", "lift"]
+           "VoxelBackBone8xFusion", "DeepLabV3Branch", "ZooImageBranch", "build_image_branch", "lift",
+           "FusionDetector", "build_fusion_detector", "is_fusion_config", "prepare_images",
+           "load_focals_conv_state"]
 
 PAPER = Paper("PathFusion: Path-consistent Lidar-Camera Deep Feature Fusion", "2212.06244")
 
@@ -55,4 +59,19 @@ register_model(ModelCard(
     default_tag="synthetic" if TINY_WEIGHTS.is_file() else None,
     description="A CPU-sized voxel detector (38 m range, 0.15 m voxels, quarter width) for the synthetic KITTI "
                 "world; its weights train in an hour on two CPU cores.",
+))
+
+register_model(ModelCard(
+    name="pathfusion_kitti", family="pathfusion", task="3d-detection", paper=PAPER,
+    builder=build_fusion_detector, config={"config": "pathfusion_kitti"},
+    input=InputSpec("lidar-camera", (16384, 5, 375, 1242)), license="MIT (architecture); no weights shipped",
+    description="PathFusion on KITTI: Focals Conv-F's fused sparse backbone (its module names) with deep fusion "
+                "at stages 2-4 and the path consistency loss, BEV backbone and CenterHead, in plain PyTorch.",
+))
+register_model(ModelCard(
+    name="pathfusion_tiny", family="pathfusion", task="3d-detection", paper=PAPER,
+    builder=build_fusion_detector, config={"config": "pathfusion_tiny"},
+    input=InputSpec("lidar-camera", (8192, 5, 128, 416)), license="MIT",
+    description="A CPU-sized PathFusion for the synthetic KITTI world: EfficientFormerV2-S0 image branch, shallow "
+                "and deep fusion with the path consistency loss.",
 ))

@@ -33,7 +33,7 @@ from .voxels import MeanVFE, grid_size, voxelize
 
 __all__ = ["LidarDetector", "load_config", "build_lidar_detector", "load_openpcdet_state", "CONFIGS"]
 
-CONFIGS = ("pathfusion_lidar_kitti", "pathfusion_lidar_tiny")
+CONFIGS = ("pathfusion_lidar_kitti", "pathfusion_lidar_tiny", "pathfusion_kitti", "pathfusion_tiny")
 
 
 def load_config(config: str | Path | Mapping) -> dict:
@@ -86,12 +86,7 @@ class LidarDetector(nn.Module):
         if m.get("VFE", {}).get("NAME", "MeanVFE") != "MeanVFE":
             raise ConfigError("detector config: VFE NAME must be MeanVFE")
         self.vfe = MeanVFE(n_feat)
-        b3 = m.get("BACKBONE_3D", {})
-        if b3.get("NAME", "VoxelBackBone8x") != "VoxelBackBone8x":
-            raise ConfigError("detector config: BACKBONE_3D NAME must be VoxelBackBone8x")
-        self.backbone_3d = VoxelBackBone8x(n_feat, self.grid_size, tuple(b3.get("CHANNELS", (16, 32, 64, 64))),
-                                           int(b3.get("OUT_CHANNELS", 128)), int(b3.get("LAST_PAD", 0)),
-                                           float(b3.get("BN_MOMENTUM", 0.01)))
+        self.backbone_3d = self._build_backbone_3d(m.get("BACKBONE_3D", {}), n_feat)
         self.map_to_bev_module = HeightCompression(int(_need(m["MAP_TO_BEV"], "NUM_BEV_FEATURES", "MAP_TO_BEV")))
         b2 = m["BACKBONE_2D"]
         self.backbone_2d = BaseBEVBackbone(self.map_to_bev_module.num_bev_features, b2["LAYER_NUMS"],
@@ -122,6 +117,16 @@ class LidarDetector(nn.Module):
         bev_stride = 8 * b2["LAYER_STRIDES"][0] / b2["UPSAMPLE_STRIDES"][0]
         if abs(bev_stride - stride) > 1e-6:
             raise ConfigError(f"detector config: the BEV map is at stride {bev_stride:g} but FEATURE_MAP_STRIDE is {stride}")
+
+    batch_keys = ("points", "batch_size")  # what the model reads from a collated batch (and gt_boxes to train)
+
+    def _build_backbone_3d(self, b3: Mapping, n_feat: int) -> nn.Module:
+        if b3.get("NAME", "VoxelBackBone8x") != "VoxelBackBone8x":
+            raise ConfigError(f"detector config: BACKBONE_3D NAME must be VoxelBackBone8x for a LiDAR detector "
+                              f"(VoxelBackBone8xFusion is the camera-fusion detector's), not {b3.get('NAME')!r}")
+        return VoxelBackBone8x(n_feat, self.grid_size, tuple(b3.get("CHANNELS", (16, 32, 64, 64))),
+                               int(b3.get("OUT_CHANNELS", 128)), int(b3.get("LAST_PAD", 0)),
+                               float(b3.get("BN_MOMENTUM", 0.01)))
 
     @property
     def module_list(self) -> list[nn.Module]:

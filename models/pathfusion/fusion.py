@@ -30,11 +30,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, DataError
 
 from .backbone3d import post_act_block
 from .focal import FocalSparseConv
-from .lifting import lift
+from .lifting import lift, project_to_image, site_positions
 from .sparse import SparseConv3d, SparseSequential, SparseTensor, SubMConv3d
 
 __all__ = ["DeepFusion", "VoxelBackBone8xFusion", "consistency_distance"]
@@ -217,6 +217,23 @@ class VoxelBackBone8xFusion(nn.Module):
         keep = mask_next[ib]
         return consistency_distance(target.features[ia[keep]], adapted_next[ib[keep]], self.consistency_kind)
 
+    def _check_projection(self, x: SparseTensor, batch: dict) -> None:
+        """A sample with voxels of which none projects into its image has a wrong calibration
+        (or an image of another frame): fusing it would silently add nothing."""
+        pos = site_positions(x.indices, 1, self.voxel_size, self.point_range, "centre")
+        uv, depth = project_to_image(pos, x.indices[:, 0], batch["lidar_to_image"])
+        for b, (h, w) in enumerate(batch["image_sizes"]):
+            rows = x.indices[:, 0] == b
+            if not rows.any():
+                continue
+            u, v = uv[rows, 0], uv[rows, 1]
+            inside = (depth[rows] > 0) & (u >= 0) & (u < w) & (v >= 0) & (v < h)
+            if not inside.any():
+                frame = batch.get("frame_id", [None] * (b + 1))[b]
+                raise DataError(f"sample {b}{f' (frame {frame})' if frame else ''}: none of its {int(rows.sum())} "
+                                f"voxels projects into its {w} x {h} image; its calibration (P2, R0_rect, "
+                                "Tr_velo_to_cam) does not belong to these points or this image.")
+
     # ---------------------------------------------------------------- forward
     def forward(self, batch: dict) -> dict:
         for key in ("images", "image_sizes", "lidar_to_image"):
@@ -224,6 +241,7 @@ class VoxelBackBone8xFusion(nn.Module):
                 raise ConfigError(f"a fusion backbone needs batch[{key!r}] (the camera image and its projection)")
         gt = batch.get("gt_boxes") if self.training else None
         x = SparseTensor(batch["voxel_features"], batch["voxel_coords"].int(), self.sparse_shape, batch["batch_size"])
+        self._check_projection(x, batch)
         level_maps = self.semseg(batch["images"])
         lift_level = self._lifter(batch, level_maps)
         focal_loss = x.features.new_zeros(())

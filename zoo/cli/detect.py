@@ -42,6 +42,7 @@ def _cmd_detect(args) -> int:
 
     from zoo.data.kitti import frame_paths, predictions_to_objects, read_calib, read_image, read_labels, read_points
     from zoo.data.kitti import camera_to_lidar_boxes, in_image, write_labels
+    from zoo.data.kitti_dataset import augmented_lidar_to_image
     from zoo.data.kitti_vis import frame_picture
     from zoo.train.detection import detect_batch
 
@@ -53,7 +54,8 @@ def _cmd_detect(args) -> int:
     fov = points[in_image(points, calib, image.shape[:2])]
     if len(fov) == 0:
         raise DataError(f"{paths['velodyne']}: no point of the scan lies in the camera's field of view.")
-    batch = {"points": torch.cat([torch.zeros(len(fov), 1), torch.from_numpy(fov)], 1), "batch_size": 1}
+    batch = {"points": torch.cat([torch.zeros(len(fov), 1), torch.from_numpy(fov)], 1), "batch_size": 1,
+             "image": [image], "lidar_to_image": torch.from_numpy(augmented_lidar_to_image(calib, {}))[None]}
     pred = detect_batch(model, batch)[0]
     keep = pred["pred_scores"] >= args.score_threshold
     boxes, scores, labels = (pred[k][keep].numpy() for k in ("pred_boxes", "pred_scores", "pred_labels"))
@@ -83,7 +85,8 @@ def _cmd_evaluate(args) -> int:
     from zoo.train.detection import evaluate_detector, summarize
 
     model = load_detector(args.name, args.pretrained, args.random, args.model_config)
-    data = KittiDetection(args.data_dir, args.split, model.class_names, model.point_cloud_range, augment=False)
+    data = KittiDetection(args.data_dir, args.split, model.class_names, model.point_cloud_range, augment=False,
+                          load_image="image" in getattr(model, "batch_keys", ()))
     out = Path(args.out)
     results = out / "results"
     results.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ def _cmd_export(args) -> int:
     from zoo.tables import format_table
 
     card = model_card(args.name)  # unknown names fail before anything is written
-    if card.input.kind == "lidar-points":
+    if card.task == "3d-detection":
         from zoo.errors import ExportError
 
         raise ExportError(f"{args.name} is a 3D detector; its export (ONNX with the sparse backbone) does not exist "

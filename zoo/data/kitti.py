@@ -248,7 +248,8 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such image.")
+        raise DataError(f"{path}: no such image (a frame's camera image; the camera-fusion detectors and "
+                        "`zoo detect` need it: restore the file or leave the frame out of the split).")
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))

@@ -50,6 +50,16 @@ def parse_sample_groups(text: str) -> dict[str, int]:
     return out
 
 
+def model_inputs(model: nn.Module, batch: dict, train: bool = False) -> dict:
+    """The part of a collated batch the detector reads (its ``batch_keys``; ``gt_boxes`` to train)."""
+    keys = list(getattr(model, "batch_keys", ("points", "batch_size"))) + (["gt_boxes"] if train else [])
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise DataError(f"the batch lacks {missing} for {type(model).__name__}; a camera-fusion detector needs the "
+                        "dataset built with load_image=True.")
+    return {k: batch[k] for k in keys}
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
@@ -62,7 +72,7 @@ def detect_batch(model: nn.Module, batch: dict) -> list[dict]:
     was = model.training
     model.eval()
     try:
-        out = model(_to_device({k: batch[k] for k in ("points", "batch_size")}, device))
+        out = model(_to_device(model_inputs(model, batch), device))
     finally:
         model.train(was)
     return [{k: v.cpu() for k, v in d.items()} for d in out["final_box_dicts"]]
@@ -126,7 +136,7 @@ class DetectionTask:
         self.cfg, self.env = cfg, env
         self.arch = cfg.model
         self.model_config = cfg.model_config or dict(card.config)["config"]
-        from zoo.models.pathfusion import load_config
+        from zoo.models.pathfusion import is_fusion_config, load_config
 
         det_cfg = load_config(self.model_config)
         self.classes = list(det_cfg["CLASS_NAMES"])
@@ -143,9 +153,10 @@ class DetectionTask:
                 if env.distributed:
                     torch.distributed.barrier()
             sampler = GtSampler(index, groups)
+        camera = is_fusion_config(det_cfg)
         self.train_set = KittiDetection(root, cfg.train_split, self.classes, point_range, augment=True,
-                                        sampler=sampler, seed=cfg.seed)
-        self.val_set = KittiDetection(root, cfg.val_split, self.classes, point_range, augment=False)
+                                        sampler=sampler, seed=cfg.seed, load_image=camera)
+        self.val_set = KittiDetection(root, cfg.val_split, self.classes, point_range, augment=False, load_image=camera)
         self._meters: dict[str, list[float]] = {}
 
     def build_model(self) -> nn.Module:
@@ -172,7 +183,7 @@ class DetectionTask:
                             collate_fn=collate)
 
     def train_step(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
-        batch = _to_device({k: batch[k] for k in ("points", "gt_boxes", "batch_size")}, self.env.device)
+        batch = _to_device(model_inputs(model, batch, train=True), self.env.device)
         losses = model(batch)["losses"]
         for k, v in losses.items():
             if k != "loss":
