@@ -159,3 +159,22 @@ def test_detect_runs_on_the_real_frame(tmp_path):
     assert main(["detect", "pathfusion_tiny", "--random", "--frame", str(REAL), "--index", "000008",
                  "--out", str(tmp_path)]) == 0
     assert (tmp_path / "000008_detections.png").is_file()
+
+
+def test_lidar_weights_start_the_fusion_model():
+    from safetensors.torch import load_file
+
+    shipped = Path(zoo.models.pathfusion.__file__).parent / "weights" / "pathfusion_lidar_tiny_synthetic.safetensors"
+    if not shipped.is_file():
+        pytest.skip("the shipped LiDAR weights are absent")
+    state = load_file(str(shipped))
+    model = zoo.create_model("pathfusion_tiny")
+    fresh = model.load_lidar_weights(state)
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v.to(own[k].dtype)) for k, v in state.items())
+    assert fresh and all(k.startswith(("backbone_3d.semseg.", "backbone_3d.deep_fusion.",
+                                       "backbone_3d.conv_focal_multimodal.")) for k in fresh)
+    assert not set(fresh) & set(state)
+    wrong = zoo.create_model("pathfusion_lidar_kitti").state_dict()
+    with pytest.raises(WeightsError, match="not the weights"):
+        model.load_lidar_weights(wrong)

@@ -131,3 +131,28 @@ def test_dataset_errors(tmp_path, world):
         GtSampler(tmp_path / "none.json", {"Car": 5})
     with pytest.raises(DataError, match="at least one frame"):
         write_world(tmp_path / "w", 0)
+
+
+def test_camera_matters_split_has_unlabelled_decoys_only_colour_tells_apart():
+    import numpy as np
+
+    from zoo.data.kitti_synth import DECOY, make_frame, make_scene
+
+    rng = np.random.default_rng(3)
+    scenes = [make_scene(rng, 36.0, decoys=0.5) for _ in range(6)]
+    names = [n for s in scenes for n in s.names]
+    assert names.count(DECOY) > 0 and names.count("Car") > 0
+    for s in scenes:
+        for k, n in enumerate(s.names):
+            body = s.colour[np.nonzero(s.owner == k)[0][0]]
+            spread = body.max() - body.min()
+            if n == DECOY:
+                assert spread < 0.05  # grey
+            elif n == "Car":
+                assert spread > 0.3  # vivid
+        decoy_parts = np.isin(s.owner, [k for k, n in enumerate(s.names) if n == DECOY])
+        car_parts = np.isin(s.owner, [k for k, n in enumerate(s.names) if n == "Car"])
+        if decoy_parts.any() and car_parts.any():  # the LiDAR sees the same material
+            assert set(np.round(s.reflect[decoy_parts], 3)) <= set(np.round(s.reflect[car_parts], 3)) | {0.35, 0.85}
+    points, _, _, objects = make_frame(5, render=False, max_range=36.0, decoys=0.5)
+    assert all(o.type != DECOY for o in objects)

@@ -78,6 +78,34 @@ class FusionDetector(LidarDetector):
             consistency_weights=cons.get("WEIGHTS", {}), consistency_distance=cons.get("DISTANCE", "l2"),
             stop_gradient=cons.get("STOP_GRADIENT", "all"))
 
+    def camera_modules(self) -> list[str]:
+        """Names of the modules a LiDAR-only detector of the same settings lacks: the image
+        branch, the multimodal and focal layers, the deep fusion."""
+        from .focal import FocalSparseConv
+
+        names = [n for n, m in self.named_modules() if isinstance(m, FocalSparseConv)]
+        return names + ["backbone_3d.semseg", "backbone_3d.deep_fusion"]
+
+    def load_lidar_weights(self, state: Mapping[str, torch.Tensor]) -> list[str]:
+        """The weights of the LiDAR-only detector with the same settings (its sparse stages, BEV
+        backbone and head: e.g. ``pathfusion_lidar_tiny``'s for ``pathfusion_tiny``) into this
+        model; the camera modules keep their initialisation. Returns their keys."""
+        state = state.get("model_state", state)
+        own = self.state_dict()
+        camera = tuple(n + "." for n in self.camera_modules())
+        is_camera = [k for k in own if k.startswith(camera)]
+        extra = sorted(k for k in state if k not in own)
+        missing = sorted(k for k in own if k not in state and not k.startswith(camera))
+        if extra or missing:
+            raise WeightsError(f"these are not the weights of the LiDAR detector with this model's settings: "
+                               f"{len(missing)} of its tensors are missing (first: {missing[:2]}), {len(extra)} have no "
+                               f"place (first: {extra[:2]}).")
+        try:
+            self.load_state_dict(dict(state), strict=False)
+        except RuntimeError as e:
+            raise WeightsError(f"a LiDAR tensor has another shape than this model's: {str(e).splitlines()[-1]}") from None
+        return is_camera
+
     def forward(self, batch: dict) -> dict:
         batch = dict(batch)
         if "images" not in batch:

@@ -54,6 +54,11 @@ _COLOURS = {"Car": [(0.7, 0.1, 0.1), (0.1, 0.2, 0.6), (0.8, 0.8, 0.8), (0.15, 0.
             "Van": [(0.9, 0.9, 0.9), (0.3, 0.4, 0.3)], "Pedestrian": [(0.2, 0.3, 0.5), (0.5, 0.2, 0.2), (0.3, 0.3, 0.3)],
             "Cyclist": [(0.1, 0.5, 0.2), (0.6, 0.5, 0.1)]}
 _REFLECT = {"Car": 0.35, "Van": 0.35, "Pedestrian": 0.2, "Cyclist": 0.25, "wall": 0.15, "ground": 0.08}
+# the camera-matters split: labelled cars are painted in vivid colours, and unlabelled decoys of
+# the same shape and reflectance in neutral ones, so only the image tells a car from a decoy
+_VIVID_CARS = [(0.8, 0.1, 0.1), (0.1, 0.25, 0.75), (0.1, 0.6, 0.2), (0.85, 0.7, 0.1)]
+_DECOY_COLOURS = [(0.75, 0.75, 0.75), (0.15, 0.15, 0.15), (0.45, 0.45, 0.48)]
+DECOY = "Decoy"  # an object of the scene that is not labelled
 
 
 @dataclass
@@ -80,7 +85,7 @@ def _parts(cls: str, box: np.ndarray) -> list[np.ndarray]:
     def part(fx, fy, z0, z1, pl, pw):  # centre offset along length / width, height range, size
         return np.array([x + c * fx - s * fy, y + s * fx + c * fy, bottom + (z0 + z1) / 2 * h, pl, pw, (z1 - z0) * h, yaw])
 
-    if cls == "Car":
+    if cls in ("Car", DECOY):
         # body, a cabin over the rear half and a raised boot: the shape tells front from back,
         # as a real car's does (a symmetric box would leave the heading ambiguous by pi)
         out = [part(0, 0, 0.18, 0.5, l, w), part(-0.1 * l, 0, 0.5, 1.0, 0.5 * l, 0.9 * w),
@@ -109,8 +114,10 @@ def _size(rng: np.random.Generator, cls: str) -> tuple[float, float, float]:
     return h, w, l
 
 
-def make_scene(rng: np.random.Generator, max_range: float = 50.0) -> Scene:
-    """A random street in front of the sensor (LiDAR frame)."""
+def make_scene(rng: np.random.Generator, max_range: float = 50.0, decoys: float = 0.0) -> Scene:
+    """A random street in front of the sensor (LiDAR frame). With `decoys` > 0, that fraction of
+    the cars are decoys (``"Decoy"``: a car's shape and reflectance in a neutral colour, never
+    labelled) and the labelled cars are vividly painted: the camera-matters split."""
     half_road = rng.uniform(5.0, 9.0)
     names, boxes = [], []
     ground = -LIDAR_HEIGHT
@@ -134,7 +141,9 @@ def make_scene(rng: np.random.Generator, max_range: float = 50.0) -> Scene:
             y, yaw = side * (half_road - rng.uniform(1.0, 1.6)), rng.choice([0.0, math.pi]) + rng.normal(0, 0.05)
         else:
             y, yaw = rng.uniform(-half_road + 2, half_road - 2), rng.choice([0.0, math.pi]) + rng.normal(0, 0.15)
-        place("Van" if rng.random() < 0.08 else "Car", rng.uniform(4, max_range), y, yaw)
+        if place("Van" if rng.random() < 0.08 else "Car", rng.uniform(4, max_range), y, yaw) and decoys > 0 \
+                and names[-1] == "Car" and rng.random() < decoys:
+            names[-1] = DECOY
     for _ in range(int(rng.integers(0, 6))):  # pedestrians: pavements and crossings
         y = rng.choice([-1, 1]) * rng.uniform(half_road - 0.5, half_road + 2.5) if rng.random() < 0.7 \
             else rng.uniform(-half_road, half_road)
@@ -145,13 +154,15 @@ def make_scene(rng: np.random.Generator, max_range: float = 50.0) -> Scene:
 
     parts, owner, colour, reflect = [], [], [], []
     for k, (cls, box) in enumerate(zip(names, boxes)):
-        col = np.array(_COLOURS[cls][int(rng.integers(len(_COLOURS[cls])))])
+        palette = _DECOY_COLOURS if cls == DECOY else _VIVID_CARS if cls == "Car" and decoys > 0 else _COLOURS[cls]
+        col = np.array(palette[int(rng.integers(len(palette)))])
+        vehicle = cls in ("Car", "Van", DECOY)
         for j, p in enumerate(_parts(cls, box)):
             parts.append(p)
             owner.append(k)
-            shade = col if j < 2 or cls not in ("Car", "Van") else np.array([0.05, 0.05, 0.05])  # dark wheels
+            shade = col if j < 2 or not vehicle else np.array([0.05, 0.05, 0.05])  # dark wheels
             colour.append(np.clip(shade * rng.uniform(0.9, 1.1), 0, 1))
-            reflect.append(_REFLECT[cls] + (0.5 if cls in ("Car", "Van") and j == 0 and rng.random() < 0.3 else 0.0))
+            reflect.append(_REFLECT["Car" if cls == DECOY else cls] + (0.5 if vehicle and j == 0 and rng.random() < 0.3 else 0.0))
     # building fronts: a row of blocks on each side, with gaps
     for side in (-1, 1):
         x = -5.0
@@ -352,11 +363,12 @@ def render_frame(scene: Scene, calib: Calib, image_size: tuple[int, int] = IMAGE
     return image, visible, alone, box2d
 
 
-def make_frame(seed: int, image_size: tuple[int, int] = IMAGE_SIZE, render: bool = True, max_range: float = 50.0):
+def make_frame(seed: int, image_size: tuple[int, int] = IMAGE_SIZE, render: bool = True, max_range: float = 50.0,
+               decoys: float = 0.0):
     """One frame: ``(points [N, 4] float32, image [H, W, 3] uint8 or None, calib, objects)``;
-    objects stand at most `max_range` metres ahead."""
+    objects stand at most `max_range` metres ahead; `decoys` as `make_scene` (decoys get no label)."""
     rng = np.random.default_rng(seed)
-    scene = make_scene(rng, max_range)
+    scene = make_scene(rng, max_range, decoys)
     calib = make_calib(rng, image_size)
     points = cast_lidar(scene, rng)
     objects = []
@@ -374,7 +386,7 @@ def make_frame(seed: int, image_size: tuple[int, int] = IMAGE_SIZE, render: bool
             proj[in_front] = image_boxes(cam[in_front], calib)
         h, w = image_size
         for i, cls in enumerate(scene.names):
-            if not in_front[i] or (visible[i] == 0 and n_points[i] == 0):
+            if cls == DECOY or not in_front[i] or (visible[i] == 0 and n_points[i] == 0):
                 continue
             full = proj[i]
             clipped = np.array([max(full[0], 0), max(full[1], 0), min(full[2], w - 1), min(full[3], h - 1)])
@@ -400,12 +412,14 @@ def make_frame(seed: int, image_size: tuple[int, int] = IMAGE_SIZE, render: bool
 
 
 def write_world(root: str | os.PathLike, num_frames: int, seed: int = 0, val_fraction: float = 0.2,
-                image_size: tuple[int, int] = IMAGE_SIZE, progress: bool = False, max_range: float = 50.0) -> Path:
+                image_size: tuple[int, int] = IMAGE_SIZE, progress: bool = False, max_range: float = 50.0,
+                decoys: float = 0.0) -> Path:
     """Write `num_frames` frames as a KITTI root (``training/`` and ``ImageSets/``); returns
     `root`. Frame i is made from seed ``seed * 100003 + i`` (the same frame on every machine);
     the last `val_fraction` of the indices form ``val.txt``. Objects stand at most `max_range`
     metres ahead (a detector with a shorter range should get a world that fits it: KITTI's
-    evaluation counts every labelled object)."""
+    evaluation counts every labelled object). `decoys` > 0 writes the camera-matters split
+    (see `make_scene`)."""
     from PIL import Image
 
     if num_frames < 1:
@@ -421,7 +435,7 @@ def write_world(root: str | os.PathLike, num_frames: int, seed: int = 0, val_fra
         frames = tqdm(frames, desc="synthetic KITTI", unit="frame")
     for i in frames:
         idx = f"{i:06d}"
-        points, image, calib, objects = make_frame(seed * 100003 + i, image_size, max_range=max_range)
+        points, image, calib, objects = make_frame(seed * 100003 + i, image_size, max_range=max_range, decoys=decoys)
         write_points(train / "velodyne" / f"{idx}.bin", points)
         with atomic_write(train / "image_2" / f"{idx}.png", "wb") as f:
             Image.fromarray(image).save(f, format="PNG")

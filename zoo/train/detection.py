@@ -169,9 +169,13 @@ class DetectionTask:
             path = Path(self.cfg.initial_checkpoint)
             if not path.is_file():
                 raise DataError(f"--initial-checkpoint {path}: no such file.")
-            from zoo.models.pathfusion import load_openpcdet_state
+            from zoo.models.pathfusion import FusionDetector, load_openpcdet_state
 
-            load_openpcdet_state(model, read_state_dict(path))
+            state = read_state_dict(path)
+            if isinstance(model, FusionDetector) and not any(k.startswith("backbone_3d.semseg.") for k in state):
+                model.load_lidar_weights(state)  # a LiDAR detector's weights: the camera modules start fresh
+            else:
+                load_openpcdet_state(model, state)
         return model.train()
 
     def train_loader(self, epoch: int):
