@@ -171,9 +171,9 @@ def _build(name: str, pretrained, shape) -> nn.Module:
     from zoo.registry import create_model, model_card
 
     card = model_card(name)  # UnknownModelError with suggestions
-    if card.input.kind == "lidar-points":
-        raise ExportError(f"{name} is a 3D detector; its export (ONNX with the sparse backbone) does not exist yet. "
-                          "zoo export takes the image models and the point cloud generators.")
+    if card.task == "3d-detection":
+        raise ExportError(f"{name} is a 3D detector: export its dense parts (`zoo export {name}`, or "
+                          "zoo.models.pathfusion.export_parts); the sparse backbone does not export.")
     overrides = {}
     if shape is not None and card.input.kind == "image":
         shape = _image_shape(shape)

@@ -147,9 +147,19 @@ def test_detection_defaults_and_yaml_config(tmp_path):
     assert parse_train_args(["--model", "efficientvit_m0"]).lr is None  # classification keeps timm's
 
 
-def test_export_and_benchmark_refuse_detectors_clearly(tmp_path, capsys):
-    assert main(["export", "pathfusion_lidar_tiny", "--format", "onnx", "--out", str(tmp_path / "x")]) == 2
-    assert "3D detector" in capsys.readouterr().err
+def test_export_writes_the_dense_parts_and_benchmark_refuses_detectors(tmp_path, capsys):
+    """A detector exports its BEV backbone and head, verified in onnxruntime; the sparse stages
+    are named in the report as not exported. CoreML is refused with nothing written."""
+    import json
+
+    assert main(["export", "pathfusion_lidar_tiny", "--format", "coreml", "--out", str(tmp_path / "x")]) == 2
+    assert "ONNX only" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    assert main(["export", "pathfusion_lidar_tiny", "--out", str(tmp_path / "e")]) == 0
+    report = json.loads((tmp_path / "e" / "export-report.json").read_text())
+    (part,) = report["exports"]
+    assert part["part"] == "bev_head" and (tmp_path / "e" / part["path"]).is_file()
+    assert all(c["rel_diff"] < 1e-4 for c in part["comparisons"])
+    assert "sparse backbone" in report["not_exported"]
     assert main(["benchmark", "pathfusion_lidar_tiny"]) == 2
     assert "sparse_conv.py" in capsys.readouterr().err

@@ -178,3 +178,14 @@ def test_lidar_weights_start_the_fusion_model():
     wrong = zoo.create_model("pathfusion_lidar_kitti").state_dict()
     with pytest.raises(WeightsError, match="not the weights"):
         model.load_lidar_weights(wrong)
+
+
+def test_export_writes_the_image_branch_and_the_bev_head(tmp_path):
+    import json
+
+    assert main(["export", "pathfusion_tiny", "--format", "onnx", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "export-report.json").read_text())
+    parts = {e["part"]: e for e in report["exports"]}
+    assert set(parts) == {"bev_head", "image_branch"}
+    assert all(c["rel_diff"] < 1e-4 for e in parts.values() for c in e["comparisons"])
+    assert [o["shape"][1] for o in parts["image_branch"]["outputs"]] == [8, 16, 32, 32]
