@@ -3,8 +3,8 @@ deep fusion without the path consistency loss and deep fusion with it, over seve
 
     .venv/bin/python benchmarks/pathfusion_ablation.py [--out runs/ablation] [--seeds 0 1 2] [--epochs 3]
 
-Writes the split unless it is there (``--out/world``: ``--frames`` frames at 128 x 416, the last
-quarter held out; half of the car-shaped objects are unlabelled decoys in neutral colours, the
+Writes the split unless it is there (``--out/world``: ``--frames`` frames at KITTI's image size,
+so that KITTI's difficulty limits, in pixels, mean what they mean on KITTI; the last quarter held out; half of the car-shaped objects are unlabelled decoys in neutral colours, the
 labelled cars are vividly painted, so the LiDAR cannot tell them apart and the image can). Each
 variant starts from the shipped ``pathfusion_lidar_tiny`` weights (its LiDAR stages, BEV backbone
 and head; the camera modules start fresh) and trains ``--epochs`` epochs with `zoo train`'s
@@ -121,8 +121,7 @@ def main() -> int:
     world = out / "world"
     if not (world / "ImageSets" / "val.txt").is_file():
         start = time.time()
-        write_world(world, frames, seed=13, val_fraction=0.25, image_size=(128, 416), progress=True, max_range=36.0,
-                    decoys=0.5)
+        write_world(world, frames, seed=13, val_fraction=0.25, progress=True, max_range=36.0, decoys=0.5)
         print(f"wrote {frames} camera-matters frames in {time.time() - start:.0f} s")
     results: dict[str, dict[str, list[float]]] = {n: {k: [] for _, k in METRICS} for n in VARIANTS}
     minutes: dict[str, list[float]] = {n: [] for n in VARIANTS}
@@ -152,7 +151,7 @@ def main() -> int:
     with results_file(ROOT / "docs" / "results" / "pathfusion_ablation.md",
                       "PathFusion ablation on the camera-matters synthetic split"):
         n_val = round(frames * 0.25)
-        print(f"{frames} frames ({frames - n_val} train, {n_val} held out) at 128 x 416, half of the car-shaped "
+        print(f"{frames} frames ({frames - n_val} train, {n_val} held out) at 1242 x 375, half of the car-shaped "
               f"objects unlabelled decoys told from cars only by colour; every variant starts from the shipped "
               f"pathfusion_lidar_tiny weights and trains {epochs} epochs at lr {args.lr:g} without ground-truth "
               f"sampling; seeds "

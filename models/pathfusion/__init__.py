@@ -5,11 +5,14 @@
 - `backbone3d`, `bev`, `center_head`: OpenPCDet's VoxelBackBone8x, HeightCompression,
   BaseBEVBackbone and CenterHead, with its module names;
 - `detector`: the stages as one `LidarDetector`, configured by YAML (``configs/``);
-- camera fusion (in progress): `image_branch` (Focals Conv's DeepLabV3 branch, any zoo
-  backbone), `lifting` (voxels to pixels and image features), `focal` (Focals Conv's focal
-  sparse convolution), `fusion` (the fused backbone, deep fusion, the path consistency loss).
+- camera fusion: `image_branch` (Focals Conv's DeepLabV3 branch, any zoo backbone), `lifting`
+  (voxels to pixels and image features), `focal` (Focals Conv's focal sparse convolution),
+  `fusion` (the fused backbone, deep fusion, the path consistency loss), `fusion_detector`
+  (`FusionDetector`, Focals Conv-F's checkpoints);
+- `export_parts`: the dense parts as ONNX-ready modules.
 
-Registers ``pathfusion_lidar_kitti`` (KITTI's full settings) and ``pathfusion_lidar_tiny``.
+Registers ``pathfusion_lidar_kitti`` (KITTI's full settings) and ``pathfusion_lidar_tiny`` (LiDAR
+only), ``pathfusion_kitti`` and ``pathfusion_tiny`` (LiDAR and camera).
 """
 from pathlib import Path
 

@@ -75,7 +75,6 @@ def _export_detector(args) -> int:
     """A detector's dense parts (the BEV backbone with the head, and the image branch of a camera
     model) as verified ONNX files; the sparse stages do not export (see the report's note)."""
     import shutil
-    from pathlib import Path as _P
 
     import torch
 
@@ -90,7 +89,7 @@ def _export_detector(args) -> int:
 
     if "onnx" not in args.format:
         raise ExportError(f"{args.name} is a 3D detector: its parts export to ONNX only (--format onnx).")
-    if args.pretrained and _P(args.pretrained).is_file():
+    if args.pretrained and Path(args.pretrained).is_file():
         model = load_detector(args.name, args.pretrained, False)
     else:
         model = create_model(args.name, pretrained=args.pretrained or False).eval()

@@ -208,8 +208,9 @@ class KittiDetection(torch.utils.data.Dataset):
     boxes of `classes`, ``gt_names``, ``gt_classes`` ``[M]`` (1-based in `classes` order),
     ``calib``, ``image_shape`` (H, W), ``aug`` (see the module docstring), ``lidar_to_image``
     ``[3, 4]`` float64 (the augmented points' projection into the image,
-    `augmented_lidar_to_image`), and ``image`` ``[H, W, 3]`` uint8 with ``load_image=True``. `augment` enables the four training
-    augmentations; `sampler` is a `GtSampler` (None: no ground-truth sampling).
+    `augmented_lidar_to_image`), and ``image`` ``[H, W, 3]`` uint8 with ``load_image=True``.
+    `augment` enables the four training augmentations; `sampler` is a `GtSampler` (None: no
+    ground-truth sampling).
     """
 
     def __init__(self, root: str | os.PathLike, split: str | Sequence[str] = "train",
