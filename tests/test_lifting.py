@@ -139,6 +139,19 @@ def test_deeplab_branch_has_focals_conv_names_and_loads_torchvision_weights(tmp_
         branch.load_weights(tmp_path / "partial.safetensors")
 
 
+def test_zoo_backbone_weights_load_from_a_local_file(tmp_path):
+    import zoo
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    src = zoo.create_model("efficientformerv2_s0", img_size=64)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "s0.safetensors"))
+    branch = ZooImageBranch("efficientformerv2_s0", img_size=64, pretrained=tmp_path / "s0.safetensors")
+    own = branch.backbone.model.state_dict()
+    shared = [k for k in own if k in src.state_dict()]
+    assert len(shared) > 50 and all(torch.equal(own[k], src.state_dict()[k]) for k in shared)
+
+
 def test_zoo_backbones_serve_as_image_branches_and_others_are_refused():
     branch = ZooImageBranch("efficientformer_l1", out_channels=[8, 16, 16, 32], img_size=64)
     out = branch(torch.rand(2, 3, 48, 160))  # resized to 64 x 64 first

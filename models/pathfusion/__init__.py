@@ -69,12 +69,13 @@ register_model(ModelCard(
     builder=build_fusion_detector, config={"config": "pathfusion_kitti"},
     input=InputSpec("lidar-camera", (16384, 5, 375, 1242)), license="MIT (architecture); no weights shipped",
     description="PathFusion on KITTI: Focals Conv-F's fused sparse backbone (its module names) with deep fusion "
-                "at stages 2-4 and the path consistency loss, BEV backbone and CenterHead, in plain PyTorch.",
+                "at stages 2-4 and the path consistency loss (a reconstruction: PathFusion's code is not public; "
+                "docs/pathfusion.md), BEV backbone and CenterHead, in plain PyTorch.",
 ))
 register_model(ModelCard(
     name="pathfusion_tiny", family="pathfusion", task="3d-detection", paper=PAPER,
     builder=build_fusion_detector, config={"config": "pathfusion_tiny"},
     input=InputSpec("lidar-camera", (8192, 5, 128, 416)), license="MIT",
     description="A CPU-sized PathFusion for the synthetic KITTI world: EfficientFormerV2-S0 image branch, shallow "
-                "and deep fusion with the path consistency loss.",
+                "and deep fusion with the path consistency loss (a reconstruction; docs/pathfusion.md).",
 ))
