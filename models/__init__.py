@@ -9,7 +9,7 @@ if __name__ != "zoo.models":  # the folder is importable from the repo root; one
 from zoo.models import efficientformer  # noqa: F401  (registers efficientformer_l1/l3/l7)
 from zoo.models import efficientformer_v2  # noqa: F401  (registers efficientformerv2_s0/s1/s2/l)
 from zoo.models import efficientvit  # noqa: F401  (registers efficientvit_m0..m5)
-from zoo.models import pathfusion  # noqa: F401  (registers pathfusion_lidar_kitti/tiny)
+from zoo.models import pathfusion  # noqa: F401  (registers pathfusion_lidar_kitti/tiny, pathfusion_kitti/tiny)
 from zoo.models import psf  # noqa: F401  (registers psf_airplane/chair/car/tiny)
 from zoo.models.efficientformer import EfficientFormer
 from zoo.models.efficientformer_v2 import EfficientFormerV2
