@@ -32,12 +32,6 @@ def frame_batch(root: Path, index: str, train: bool = False, batch_size: int = 1
     return collate([ds[i] for i in range(batch_size)])
 
 
-def inputs(model, batch, train=False):
-    from zoo.train.detection import model_inputs
-
-    return model_inputs(model, batch, train)
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
@@ -48,6 +42,7 @@ def main() -> int:
     import zoo
     from zoo.data.kitti_synth import write_world
     from zoo.tables import results_file
+    from zoo.train.detection import model_inputs as inputs
 
     tmp = Path(tempfile.mkdtemp(prefix="zoo-fusion-speed-"))
     world = write_world(tmp / "w", 1, seed=13, val_fraction=0.0, image_size=(128, 416), max_range=36.0, decoys=0.5)

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 from zoo.boxes import points_in_boxes
 
-from .sparse import SparseModule, SparseSequential, SparseTensor, SubMConv3d
+from .lifting import site_positions
+from .sparse import SparseModule, SparseSequential, SparseTensor, SubMConv3d, unique_sites
 
 __all__ = ["FocalSparseConv", "focal_importance_loss"]
 
@@ -86,13 +87,6 @@ class FocalSparseConv(SparseModule):
         self.voxel_size = tuple(float(v) for v in voxel_size)
         self.point_range_min = tuple(float(v) for v in point_range_min)
 
-    def site_corners(self, indices: torch.Tensor) -> torch.Tensor:
-        """LiDAR ``[N, 3]`` (x, y, z) of the sites' corners at this layer's stride."""
-        size = torch.tensor(self.voxel_size, device=indices.device)
-        low = torch.tensor(self.point_range_min, device=indices.device)
-        zyx = indices[:, 1:].float() * self.voxel_stride * size + low
-        return zyx.flip(1)
-
     def _split(self, x: SparseTensor, imps: torch.Tensor):
         """Foreground sites with their dilation, and the background: ``(fore_indices, fore_features,
         back_indices, back_features)`` over the whole batch."""
@@ -123,7 +117,7 @@ class FocalSparseConv(SparseModule):
         idx = torch.cat([x.indices[fore], new])
         f = torch.cat([feats[fore], feats.new_zeros((len(new), feats.shape[1]))])
         mask = torch.cat([torch.ones(len(fore), dtype=feats.dtype, device=feats.device), new_mask])
-        idx, inv = _unique_sites(idx, x.spatial_shape)
+        idx, inv = unique_sites(idx, x.spatial_shape)
         f = f.new_zeros((len(idx), f.shape[1])).index_add(0, inv, f)
         counts = torch.bincount(inv, minlength=len(idx)).to(mask.dtype)
         mask = mask.new_zeros(len(idx)).index_add(0, inv, mask) / counts
@@ -141,7 +135,7 @@ class FocalSparseConv(SparseModule):
             predict = self.conv_enlarge(x) if self.conv_enlarge is not None else x
         imps = self.conv_imp(predict).features
         fore_idx, fore_f, back_idx, back_f = self._split(x, imps)
-        idx, inv = _unique_sites(torch.cat([fore_idx, back_idx]), x.spatial_shape)
+        idx, inv = unique_sites(torch.cat([fore_idx, back_idx]), x.spatial_shape)
         feats = torch.cat([fore_f, back_f])
         feats = feats.new_zeros((len(idx), feats.shape[1])).index_add(0, inv, feats)
         out = self.conv(SparseTensor(feats, idx, x.spatial_shape, x.batch_size, x.rules))
@@ -151,7 +145,9 @@ class FocalSparseConv(SparseModule):
         out = out.replace_feature(self.relu(self.bn1(out.features)))
         loss = imps.new_zeros(())
         if self.training and gt_boxes is not None:
-            corners = self.site_corners(x.indices)
+            # the sites' corners at this stride, as the official code places them
+            corners = site_positions(x.indices, self.voxel_stride, self.voxel_size[::-1], self.point_range_min[::-1],
+                                     "corner")
             target = torch.zeros(len(x.indices), dtype=torch.bool, device=imps.device)
             for b in range(x.batch_size):
                 rows = torch.nonzero(x.indices[:, 0] == b).squeeze(1)
@@ -161,13 +157,3 @@ class FocalSparseConv(SparseModule):
             loss = focal_importance_loss(imps[:, -1].sigmoid(), target)
         return out, loss
 
-
-def _unique_sites(indices: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distinct sites of ``indices [N, 4]`` in key order and each row's place among them."""
-    i = indices.long()
-    d, h, w = shape
-    keys = ((i[:, 0] * d + i[:, 1]) * h + i[:, 2]) * w + i[:, 3]
-    uniq, inv = torch.unique(keys, sorted=True, return_inverse=True)
-    hw = h * w
-    out = torch.stack([uniq // (d * hw), (uniq // hw) % d, (uniq // w) % h, uniq % w], 1).to(indices.dtype)
-    return out, inv

@@ -35,7 +35,7 @@ from zoo.errors import ConfigError, DataError
 from .backbone3d import post_act_block
 from .focal import FocalSparseConv
 from .lifting import lift, project_to_image, site_positions
-from .sparse import SparseConv3d, SparseSequential, SparseTensor, SubMConv3d
+from .sparse import SparseConv3d, SparseSequential, SparseTensor, SubMConv3d, site_keys
 
 __all__ = ["DeepFusion", "VoxelBackBone8xFusion", "consistency_distance"]
 
@@ -78,15 +78,9 @@ def consistency_distance(a: torch.Tensor, b: torch.Tensor, kind: str = "l2") -> 
     raise ConfigError(f"consistency distance must be l2, l1 or cosine, not {kind!r}")
 
 
-def _site_keys(indices: torch.Tensor, shape) -> torch.Tensor:
-    i = indices.long()
-    d, h, w = shape
-    return ((i[:, 0] * d + i[:, 1]) * h + i[:, 2]) * w + i[:, 3]
-
-
 def _match(a_idx: torch.Tensor, b_idx: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``(ia, ib)`` of the sites present in both index sets."""
-    ka, kb = _site_keys(a_idx, shape), _site_keys(b_idx, shape)
+    ka, kb = site_keys(a_idx, shape), site_keys(b_idx, shape)
     sorted_b, order = kb.sort()
     pos = torch.searchsorted(sorted_b, ka).clamp_max(max(len(kb) - 1, 0))
     hit = (sorted_b[pos] == ka) if len(kb) else torch.zeros_like(ka, dtype=torch.bool)

@@ -131,6 +131,23 @@ def _padded_keys(indices: torch.Tensor, shape, margin) -> tuple[torch.Tensor, tu
     return keys, (d, h, w)
 
 
+def site_keys(indices: torch.Tensor, shape) -> torch.Tensor:
+    """Row-major keys ``[N]`` int64 of sites ``(batch, z, y, x)`` on a grid of `shape`."""
+    return _padded_keys(indices, shape, (0, 0, 0))[0]
+
+
+def sites_from_keys(keys: torch.Tensor, shape) -> torch.Tensor:
+    """The sites ``[N, 4]`` int32 ``(batch, z, y, x)`` of row-major keys on a grid of `shape`."""
+    d, h, w = shape
+    return torch.stack([keys // (d * h * w), (keys // (h * w)) % d, (keys // w) % h, keys % w], 1).int()
+
+
+def unique_sites(indices: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct sites of ``indices [N, 4]`` in key order, and each row's place among them."""
+    keys, inverse = torch.unique(site_keys(indices, shape), sorted=True, return_inverse=True)
+    return sites_from_keys(keys, shape).to(indices.dtype), inverse
+
+
 def _offsets(kernel, device) -> torch.Tensor:
     """Kernel offsets ``[K, 3]`` in (kd, kh, kw) row-major order, the weight's flattening order."""
     g = torch.meshgrid(*(torch.arange(k, device=device) for k in kernel), indexing="ij")
@@ -197,10 +214,8 @@ def _conv_rules(x: SparseTensor, kernel, stride, padding, dilation) -> _Rules:
     pair_keys = qk.reshape(n, n_off).t()[valid_t]
     counts = valid_t.sum(1).tolist()
     out_keys, out_rows = torch.unique(pair_keys, sorted=True, return_inverse=True)  # output order is key order
-    hw = out_shape[1] * out_shape[2]
-    out_idx = torch.stack([out_keys // (out_shape[0] * hw), (out_keys // hw) % out_shape[0],
-                           (out_keys // out_shape[2]) % out_shape[1], out_keys % out_shape[2]], 1).int()
-    return _Rules(out_rows, in_rows, counts, out_idx, out_shape, x.indices, shape, tuple(kernel))
+    return _Rules(out_rows, in_rows, counts, sites_from_keys(out_keys, out_shape), out_shape, x.indices, shape,
+                  tuple(kernel))
 
 
 class _GatherMatmulSum(torch.autograd.Function):
