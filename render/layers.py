@@ -15,7 +15,7 @@ from zoo.errors import RenderError
 
 from . import nvdiffrast_backend as nvdr
 from .ops import check_raster_inputs, nvdr_raster_args, resolve_backend
-from .torch_raster import TorchPeelState, rasterize_torch
+from .torch_raster import TorchFragments, fragments_torch, resolve_torch
 
 __all__ = ["DepthPeeler", "depth_peel", "composite"]
 
@@ -35,7 +35,8 @@ class DepthPeeler:
         self.resolution, self.ranges = check_raster_inputs(pos, tri, resolution, ranges)
         self.pos, self.tri, self.grad_db = pos, tri, grad_db
         self.backend = resolve_backend(backend, pos, tri)
-        self._state: TorchPeelState | None = None
+        self._fragments: TorchFragments | None = None
+        self._layer = 0
         self._nv = None
         if self.backend == "nvdiffrast":
             self._nv = nvdr.module().DepthPeeler(*nvdr_raster_args(pos, tri, self.resolution, self.ranges),
@@ -49,16 +50,20 @@ class DepthPeeler:
     def __exit__(self, *exc) -> None:
         if self._nv is not None:
             self._nv.__exit__(*exc)
-        self._state = None
+        self._fragments = None
 
     def rasterize_next_layer(self):
         """The next layer's ``(rast, rast_db)``, same format as :func:`zoo.render.rasterize`."""
         if self._nv is not None:
             return self._nv.rasterize_next_layer()
-        rast, rast_db, keys = rasterize_torch(self.pos, self.tri, self.resolution, self.ranges,
-                                              self.grad_db, self._state)
-        self._state = TorchPeelState(keys)
-        return rast, rast_db
+        if self._fragments is None:
+            # One coverage pass sorted into layers (the torch backend's A-buffer), instead of
+            # one rasterization per layer; the layers are the same.
+            self._fragments = fragments_torch(self.pos, self.tri, self.resolution, self.ranges)
+        keys = self._fragments.layer(self._layer)
+        self._layer += 1
+        batch = self.pos.shape[0] if self.pos.dim() == 3 else self.ranges.shape[0]
+        return resolve_torch(self.pos, self.tri, keys, batch, self.resolution, self.grad_db)
 
 
 def depth_peel(pos: torch.Tensor, tri: torch.Tensor, resolution, num_layers: int, ranges=None,

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["rasterize_torch", "TorchPeelState", "EMPTY_KEY"]
+__all__ = ["rasterize_torch", "fragments_torch", "resolve_torch", "TorchFragments", "TorchPeelState", "EMPTY_KEY"]
 
 EMPTY_KEY = torch.iinfo(torch.int64).max
 # Dense evaluation is split so that no group allocates more than this many grid points
@@ -236,10 +236,14 @@ def _homogeneous_setup(verts, width, height):
     return x0, x1, y0, y1
 
 
-def _coverage(verts, img, tid, batch, height, width, peel_keys):
-    """Nearest-fragment key per pixel, ``[B*H*W]`` int64; EMPTY_KEY where nothing covers."""
+def _coverage(verts, img, tid, batch, height, width, peel_keys, collect: list | None = None):
+    """Nearest-fragment key per pixel, ``[B*H*W]`` int64; EMPTY_KEY where nothing covers.
+
+    With ``collect`` (a list), every fragment's ``(pixel, key)`` pair is appended to it instead
+    and the list is returned."""
     device, dtype = verts.device, verts.dtype
-    keys = torch.full((batch * height * width,), EMPTY_KEY, dtype=torch.long, device=device)
+    keys = collect if collect is not None else \
+        torch.full((batch * height * width,), EMPTY_KEY, dtype=torch.long, device=device)
     if verts.shape[0] == 0:
         return keys
     x, y, z, w = verts.unbind(-1)
@@ -331,6 +335,9 @@ def _merge(keys, flat, gw, gh, x0, y0, img, tid, depth_fn, height, width, peel_k
         prev = peel_keys[pix]
         behind = (prev != EMPTY_KEY) & ((key >> 32) > (prev >> 32))
         ok = behind if ok is None else ok & behind
+    if isinstance(keys, list):  # collecting every fragment (see fragments_torch)
+        keys.append((pix, key) if ok is None else (pix[ok], key[ok]))
+        return
     if ok is not None:
         key = torch.where(ok, key, torch.full_like(key, EMPTY_KEY))
     keys.scatter_reduce_(0, pix, key, reduce="amin")
@@ -400,7 +407,66 @@ def rasterize_torch(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int,
     with torch.no_grad():
         keys = _coverage(verts.detach(), img, tid, batch, height, width,
                          None if peel is None else peel.keys)
+    rast, rast_db = resolve_torch(pos, tri, keys, batch, resolution, grad_db)
+    return rast, rast_db, keys
 
+
+@dataclass
+class TorchFragments:
+    """Every fragment of a rasterization, in peeling order: ``pix [M]`` (pixel index into
+    ``[B*H*W]``) and ``key [M]`` sorted by pixel, then key; a fragment at the same depth as the
+    one before it in its pixel is dropped (a peel never returns it); ``rank [M]`` is each
+    fragment's depth layer."""
+
+    pix: torch.Tensor
+    key: torch.Tensor
+    rank: torch.Tensor
+    size: int
+
+    def layer(self, k: int) -> torch.Tensor:
+        """Layer ``k``'s per-pixel keys ``[B*H*W]``, as ``k`` peels would leave them."""
+        keys = torch.full((self.size,), EMPTY_KEY, dtype=torch.long, device=self.key.device)
+        sel = self.rank == k
+        return keys.index_copy_(0, self.pix[sel], self.key[sel])
+
+
+def fragments_torch(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int, int],
+                    ranges: torch.Tensor | None = None) -> TorchFragments:
+    """All fragments at once (one coverage pass), so K depth layers cost one rasterization and a
+    sort instead of K rasterizations. Layer ``k`` equals what ``k`` successive peels give:
+    the nearest fragment strictly behind layer ``k-1``'s depth, ties to the lower triangle."""
+    height, width = resolution
+    batch = pos.shape[0] if pos.dim() == 3 else ranges.shape[0]
+    img, tid, verts = _instances(pos, tri, ranges)
+    with torch.no_grad():
+        found = _coverage(verts.detach(), img, tid, batch, height, width, None, collect=[])
+        if found:
+            pix = torch.cat([p for p, _ in found])
+            key = torch.cat([k for _, k in found])
+        else:
+            pix = key = torch.zeros(0, dtype=torch.long, device=pos.device)
+        order = torch.sort(key, stable=True).indices
+        pix, key = pix[order], key[order]
+        order = torch.sort(pix, stable=True).indices
+        pix, key = pix[order], key[order]
+        first = torch.ones_like(pix, dtype=torch.bool)
+        if pix.numel() > 1:
+            first[1:] = (pix[1:] != pix[:-1]) | ((key[1:] >> 32) != (key[:-1] >> 32))
+        pix, key = pix[first], key[first]
+        new_pixel = torch.ones_like(pix, dtype=torch.bool)
+        if pix.numel() > 1:
+            new_pixel[1:] = pix[1:] != pix[:-1]
+        pos_ = torch.arange(pix.numel(), device=pix.device)
+        run_start = torch.cummax(torch.where(new_pixel, pos_, torch.zeros_like(pos_)), 0).values \
+            if pix.numel() else pos_
+        rank = pos_ - run_start
+    return TorchFragments(pix, key, rank, batch * height * width)
+
+
+def resolve_torch(pos: torch.Tensor, tri: torch.Tensor, keys: torch.Tensor, batch: int,
+                  resolution: tuple[int, int], grad_db: bool = True):
+    """The differentiable half of rasterization: ``(rast, rast_db)`` for per-pixel ``keys``."""
+    height, width = resolution
     pidx = (keys != EMPTY_KEY).nonzero().squeeze(1)
     t = keys[pidx] & 0xFFFFFFFF
     hw = height * width
@@ -437,4 +503,4 @@ def rasterize_torch(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int,
         rast_db = rast_db.index_copy(0, pidx, dvals).view(batch, height, width, 4)
     else:
         rast_db = torch.zeros(batch, height, width, 0, dtype=pos.dtype, device=pos.device)
-    return rast, rast_db, keys
+    return rast, rast_db
