@@ -10,6 +10,7 @@ from zoo.models import efficientformer  # noqa: F401  (registers efficientformer
 from zoo.models import efficientformer_v2  # noqa: F401  (registers efficientformerv2_s0/s1/s2/l)
 from zoo.models import efficientvit  # noqa: F401  (registers efficientvit_m0..m5)
 from zoo.models import pathfusion  # noqa: F401  (registers pathfusion_lidar_kitti/tiny, pathfusion_kitti/tiny)
+from zoo.models import lsv  # noqa: F401  (registers lsv_mannequin, lsv_smpl)
 from zoo.models import psf  # noqa: F401  (registers psf_airplane/chair/car/tiny)
 from zoo.models.efficientformer import EfficientFormer
 from zoo.models.efficientformer_v2 import EfficientFormerV2

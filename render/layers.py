@@ -66,6 +66,28 @@ class DepthPeeler:
         return resolve_torch(self.pos, self.tri, keys, batch, self.resolution, self.grad_db)
 
 
+    def rasterize_layers(self, num_layers: int):
+        """The next ``num_layers`` layers at once: ``(rast [K,B,H,W,4], rast_db [K,B,H,W,4|0])``,
+        the same values as that many :meth:`rasterize_next_layer` calls (layers past the
+        deepest surface are all zeros). The torch backend resolves them in one pass."""
+        k = int(num_layers)
+        if k < 1:
+            raise RenderError(f"num_layers must be at least 1, got {num_layers}")
+        if self._nv is not None:
+            out = [self._nv.rasterize_next_layer() for _ in range(k)]
+            return torch.stack([r for r, _ in out]), torch.stack([d for _, d in out])
+        if self._fragments is None:
+            self._fragments = fragments_torch(self.pos, self.tri, self.resolution, self.ranges)
+        batch = self.pos.shape[0] if self.pos.dim() == 3 else self.ranges.shape[0]
+        keys = self._fragments.layers(self._layer, k)  # [K * B*H*W]: layer-major
+        self._layer += k
+        # Layer j of image b becomes image j*B + b of one resolve; range mode indexes pos directly.
+        pos = self.pos.repeat(k, 1, 1) if self.pos.dim() == 3 else self.pos
+        rast, rast_db = resolve_torch(pos, self.tri, keys, k * batch, self.resolution, self.grad_db)
+        h, w = self.resolution
+        return rast.view(k, batch, h, w, 4), rast_db.view(k, batch, h, w, rast_db.shape[-1])
+
+
 def depth_peel(pos: torch.Tensor, tri: torch.Tensor, resolution, num_layers: int, ranges=None,
                grad_db: bool = True, backend: str = "auto") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``num_layers`` ``(rast, rast_db)`` pairs, nearest surface first (see DepthPeeler)."""

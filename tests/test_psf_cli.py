@@ -74,7 +74,8 @@ def test_evaluate_prints_and_saves_the_metrics(tiny_ckpt, tmp_path, capsys):
 
 def test_sample_and_evaluate_refuse_bad_requests(tmp_path, capsys):
     assert main(["sample", "efficientvit_m0", "--out", str(tmp_path)]) == 2
-    assert "not a point cloud generator" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not a generator" in err and "psf_tiny" in err and "lsv_mannequin" in err
     assert main(["sample", "psf_car", "--out", str(tmp_path)]) == 2
     assert "--random" in capsys.readouterr().err
     assert main(["sample", "psf_tiny", "--random", "--steps", "0", "--out", str(tmp_path)]) == 2

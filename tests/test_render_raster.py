@@ -332,6 +332,12 @@ def test_depth_peeler_layers_equal_successive_peels():
             assert torch.equal(rast, ref) and torch.equal(db, ref_db), k
             deepest = k if (rast[..., 3] > 0).any() else deepest
     assert deepest >= 3  # the two capsules cross: four surfaces along some rays
+    with R.DepthPeeler(pos, tri, (48, 56), backend="torch") as peeler:
+        first_two, db = peeler.rasterize_layers(2)
+        rest, _ = peeler.rasterize_layers(4)
+    singles = [r for r, _ in R.depth_peel(pos, tri, (48, 56), 6, backend="torch")]
+    assert first_two.shape == (2, 2, 48, 56, 4) and db.shape == (2, 2, 48, 56, 4)
+    assert torch.equal(torch.cat([first_two, rest]), torch.stack(singles))
 
 
 def test_barycentrics_stay_accurate_at_grazing_angles():

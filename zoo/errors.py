@@ -17,6 +17,7 @@ __all__ = [
     "DataError",
     "RenderError",
     "MissingExtraError",
+    "MissingAssetError",
     "require",
     "closest",
 ]
@@ -51,6 +52,10 @@ class DataError(ZooError):
 
 class RenderError(ZooError, ValueError):
     """Tensors that `zoo.render` cannot rasterize or shade (shape, dtype, device, backend)."""
+
+
+class MissingAssetError(ZooError, FileNotFoundError):
+    """A file the user must bring (a licensed body model such as SMPL) is not where zoo looks."""
 
 
 class MissingExtraError(ZooError, ImportError):

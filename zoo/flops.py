@@ -52,7 +52,10 @@ def _key(name: str) -> str:
 
 def complexity(name: str) -> dict:
     """``{"params": int, "macs": int, "input_shape": [...]}`` of a registered model at its default
-    input, with the weights it is built with from seed 0."""
+    input, with the weights it is built with from seed 0. A model that needs a file the user
+    brings (lsv_smpl's SMPL) and cannot find it gives ``params`` and ``macs`` None and the
+    reason under ``skipped``."""
+    from zoo.errors import MissingAssetError
     from zoo.hub import zoo_home
     from zoo.registry import create_model, model_card
 
@@ -69,7 +72,10 @@ def complexity(name: str) -> dict:
         with torch.random.fork_rng():
             # seeded: a focal sparse convolution's sites (so its MACs) depend on its initial weights
             torch.manual_seed(0)
-            model = create_model(name)
+            try:
+                model = create_model(name)
+            except MissingAssetError as e:  # not cached: the file may appear
+                return {"params": None, "macs": None, "input_shape": [1, *card.input.shape], "skipped": str(e)}
         inputs = card.input.example(batch_size=1)
         disk[key] = {
             "params": count_params(model),

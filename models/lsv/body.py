@@ -2,7 +2,8 @@
 axis-angle pose, shape and pose blend shapes where the model file has them.
 
 `BodyModel` holds a template ``v_template [V, 3]``, ``faces [F, 3]``, skinning ``weights
-[V, 24]``, a joint regressor ``[24, V]`` and optionally ``shapedirs [V, 3, S]`` and
+[V, 24]``, a joint regressor ``[24, V]`` (or, for a rig such as the mannequin, fixed rest joints
+``[24, 3]``) and optionally ``shapedirs [V, 3, S]`` and
 ``posedirs [V, 3, 207]`` (SMPL's names and layouts). Pose is axis-angle per joint ``[B, 24, 3]``
 (joint 0, the pelvis, is the global orientation) plus a root translation ``[B, 3]``.
 
@@ -63,8 +64,8 @@ class BodyModel(nn.Module):
     ``vertices [B, V, 3]``, ``joints [B, 24, 3]`` and the joints' world ``rotations
     [B, 24, 3, 3]``."""
 
-    def __init__(self, v_template, faces, weights, j_regressor, shapedirs=None, posedirs=None,
-                 parents=SMPL_PARENTS):
+    def __init__(self, v_template, faces, weights, j_regressor=None, shapedirs=None, posedirs=None,
+                 parents=SMPL_PARENTS, joints=None):
         super().__init__()
         v = torch.as_tensor(np.asarray(v_template), dtype=torch.float32)
         n = v.shape[0]
@@ -75,15 +76,21 @@ class BodyModel(nn.Module):
         if parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents[1:], 1)):
             raise ConfigError("parents must start with -1 and list each joint after its parent")
         w = torch.as_tensor(np.asarray(weights), dtype=torch.float32)
-        jr = torch.as_tensor(np.asarray(j_regressor), dtype=torch.float32)
-        if tuple(w.shape) != (n, k) or tuple(jr.shape) != (k, n):
-            raise ConfigError(f"weights must be [V, {k}] and the joint regressor [{k}, V] for V = {n}; got "
-                              f"{tuple(w.shape)} and {tuple(jr.shape)}")
+        if (j_regressor is None) == (joints is None):
+            raise ConfigError("give the joints either as a regressor [24, V] (SMPL) or as fixed rest positions [24, 3]")
+        jr = None if j_regressor is None else torch.as_tensor(np.asarray(j_regressor), dtype=torch.float32)
+        fixed = None if joints is None else torch.as_tensor(np.asarray(joints), dtype=torch.float32)
+        if tuple(w.shape) != (n, k) or (jr is not None and tuple(jr.shape) != (k, n)) \
+                or (fixed is not None and tuple(fixed.shape) != (k, 3)):
+            got = tuple(jr.shape) if jr is not None else tuple(fixed.shape)
+            raise ConfigError(f"weights must be [V, {k}] and the joint regressor [{k}, V] (or joints [{k}, 3]) for "
+                              f"V = {n}; got {tuple(w.shape)} and {got}")
         self.parents = parents
         self.register_buffer("v_template", v)
         self.register_buffer("faces", torch.as_tensor(np.asarray(faces).astype(np.int64)))
         self.register_buffer("weights", w)
         self.register_buffer("j_regressor", jr)
+        self.register_buffer("rest_joints", fixed)
         self.register_buffer("shapedirs", None if shapedirs is None else
                              torch.as_tensor(np.asarray(shapedirs), dtype=torch.float32))
         if posedirs is not None and tuple(np.shape(posedirs)) != (n, 3, 9 * (k - 1)):
@@ -100,10 +107,14 @@ class BodyModel(nn.Module):
         v = self.v_template[None]
         if betas is not None and self.shapedirs is not None:
             v = v + torch.einsum("vcs,bs->bvc", self.shapedirs[..., : betas.shape[-1]], betas)
+        if self.j_regressor is None:  # a rig with fixed joints (the mannequin): shape does not move them
+            return v, self.rest_joints[None].expand(v.shape[0], -1, -1)
         return v, torch.einsum("kv,bvc->bkc", self.j_regressor, v)
 
-    def forward(self, pose: torch.Tensor, betas: torch.Tensor | None = None,
-                transl: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def transforms(self, pose: torch.Tensor, betas: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """What skinning needs for ``pose [B, 24, 3]``: the unposed surface with pose blend shapes
+        ``vertices [B, V, 3]``, the rest ``joints [B, 24, 3]``, each joint's world ``rotations
+        [B, 24, 3, 3]`` and how far each joint moved, ``moved [B, 24, 3]``."""
         k = len(self.parents)
         if pose.dim() != 3 or tuple(pose.shape[1:]) != (k, 3):
             raise ConfigError(f"pose must be axis-angle [B, {k}, 3], not {tuple(pose.shape)}")
@@ -121,14 +132,27 @@ class BodyModel(nn.Module):
             world.append(world[p] @ local[:, i])
             # how far joint i moved: its parent's move plus the parent's turn of the bone
             moved.append(moved[p] + ((world[p] - eye) @ (joints[:, i] - joints[:, p])[..., None])[..., 0])
-        world_r, moved_t = torch.stack(world, 1), torch.stack(moved, 1)  # [B, K, 3, 3], [B, K, 3]
-        rel = v[:, :, None, :] - joints[:, None, :, :]  # [B, V, K, 3]
-        disp = torch.einsum("bkij,bvkj->bvki", world_r - eye, rel) + moved_t[:, None]
-        out_v = v + torch.einsum("vk,bvki->bvi", self.weights, disp)
-        out_j = joints + moved_t
+        return {"vertices": v, "joints": joints, "rotations": torch.stack(world, 1), "moved": torch.stack(moved, 1)}
+
+    @staticmethod
+    def skin(points: torch.Tensor, weights: torch.Tensor, tf: dict[str, torch.Tensor],
+             transl: torch.Tensor | None = None) -> torch.Tensor:
+        """Linear blend skinning of rest ``points [B, P, 3]`` with ``weights [P, 24]`` by the
+        `transforms` ``tf`` (the displacement form of the module docstring); ``[B, P, 3]``."""
+        eye = torch.eye(3, dtype=points.dtype, device=points.device)
+        rel = points[:, :, None, :] - tf["joints"][:, None, :, :]  # [B, P, K, 3]
+        disp = torch.einsum("bkij,bpkj->bpki", tf["rotations"] - eye, rel) + tf["moved"][:, None]
+        out = points + torch.einsum("pk,bpki->bpi", weights, disp)
+        return out if transl is None else out + transl[:, None]
+
+    def forward(self, pose: torch.Tensor, betas: torch.Tensor | None = None,
+                transl: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        tf = self.transforms(pose, betas)
+        out_v = self.skin(tf["vertices"], self.weights, tf, transl)
+        out_j = tf["joints"] + tf["moved"]
         if transl is not None:
-            out_v, out_j = out_v + transl[:, None], out_j + transl[:, None]
-        return {"vertices": out_v, "joints": out_j, "rotations": world_r}
+            out_j = out_j + transl[:, None]
+        return {"vertices": out_v, "joints": out_j, "rotations": tf["rotations"]}
 
 
 # ----------------------------------------------------------------------------- SMPL files

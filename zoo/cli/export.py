@@ -47,7 +47,7 @@ def _cmd_export(args) -> int:
                 labels = args.class_labels
                 r = to_coreml(args.name, stage / f"{args.name}.mlpackage", pretrained=args.pretrained,
                               input_shape=shape, precision="fp16" if args.fp16 else args.coreml_precision,
-                              image_input=not args.tensor_input, class_labels=labels,
+                              image_input=not args.tensor_input and card.input.kind == "image", class_labels=labels,
                               minimum_target=args.coreml_target, reparam=not args.no_reparam, verbose=False)
             reports.append(r)
         for r in reports:

@@ -4,19 +4,26 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _generator(args):
-    """The point cloud generator named in `args`, with weights (``--random`` allows none)."""
+def _generator(args, tasks=("point-cloud-generation",)):
+    """The generator named in `args`, with weights (``--random`` allows none)."""
     from zoo.errors import ConfigError
     from zoo.registry import create_model, model_card
 
     card = model_card(args.name)
-    if card.task != "point-cloud-generation":
-        raise ConfigError(f"{args.name} is not a point cloud generator (its task is {card.task}); sample and "
-                          f"evaluate take {', '.join(_names('point-cloud-generation'))}.")
+    if card.task not in tasks:
+        names = [n for t in tasks for n in _names(t)]
+        raise ConfigError(f"{args.name} is not a generator zoo {args.cmd} runs (its task is {card.task}); it takes "
+                          f"{', '.join(names)}.")
     pretrained = args.pretrained if args.pretrained is not None else (True if card.default_tag else False)
     if pretrained is False and not args.random:
-        raise ConfigError(f"{args.name} has no default weights; pass --pretrained FILE (a checkpoint from the PSF "
-                          "stages) or --random to sample from an untrained network.")
+        raise ConfigError(f"{args.name} has no default weights; pass --pretrained FILE (a checkpoint) or --random "
+                          "to sample from an untrained network.")
+    if pretrained is False:
+        import torch
+
+        with torch.random.fork_rng():  # an untrained network drawn from --seed: the same one every run
+            torch.manual_seed(args.seed)
+            return create_model(args.name, pretrained=False)
     return create_model(args.name, pretrained=pretrained)
 
 
@@ -41,9 +48,15 @@ def _cmd_sample(args) -> int:
     from zoo.errors import ConfigError
     from zoo.data.pointcloud_io import save_clouds
 
+    model = _generator(args, ("point-cloud-generation", "3d-human-generation"))
+    humans = not hasattr(model, "num_points")
+    args.num = (4 if humans else 16) if args.num is None else args.num
     if args.num < 1 or args.steps < 1:
         raise ConfigError("--num and --steps must be at least 1.")
-    model = _generator(args)
+    if humans:
+        from zoo.cli.sample_humans import sample_humans
+
+        return sample_humans(args, model)
     start = _time.perf_counter()
     clouds = model.sample(args.num, steps=args.steps, method=args.method, seed=args.seed)
     ms = (_time.perf_counter() - start) * 1e3
@@ -91,11 +104,17 @@ def _cmd_evaluate(args) -> int:
 
 
 def register(sub) -> None:
-    s = sub.add_parser("sample", help="generate point clouds: .npy, .ply and a PNG grid")
+    s = sub.add_parser("sample", help="generate point clouds (.npy, .ply, a PNG grid) or layered-surface humans "
+                                      "(a PNG grid of views, a turntable GIF, skinned GLB files)")
     _sample_args(s)
-    s.add_argument("--num", type=int, default=16)
+    s.add_argument("--num", type=int, default=None, help="samples (default 16 clouds, 4 humans)")
     s.add_argument("--out", required=True)
-    s.set_defaults(func=_cmd_sample)
+    h = s.add_argument_group("layered-surface humans (lsv_*)")
+    h.add_argument("--pose", default="rest", help="rest, walk, or a .npy of axis-angles [24, 3] / [P, 24, 3]")
+    h.add_argument("--views", type=int, default=4, help="cameras around the body (default 4)")
+    h.add_argument("--psi", type=float, default=1.0, help="truncation psi (1: none)")
+    h.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
+    s.set_defaults(func=_cmd_sample, cmd="sample")
 
     s = sub.add_parser("evaluate", help="MMD/COV/1-NNA (CD, EMD) and JSD of generated clouds against references")
     _sample_args(s)
@@ -103,4 +122,4 @@ def register(sub) -> None:
     s.add_argument("--num", type=int, default=32, help="number of procedural references (and samples)")
     s.add_argument("--ref-seed", type=int, default=1234, help="seed of the procedural references")
     s.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    s.set_defaults(func=_cmd_evaluate)
+    s.set_defaults(func=_cmd_evaluate, cmd="evaluate")

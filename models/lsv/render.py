@@ -1,0 +1,136 @@
+"""Rendering textured shells: depth peeling, per-layer RGBA lookup, front-to-back compositing,
+antialiasing. Built on `zoo.render` (the torch backend on CPU, nvdiffrast on CUDA).
+
+Conventions:
+
+- ``shells [B, N, V, 3]`` world positions (N layers sharing ``faces [F, 3]``), ``uv [Vt, 2]`` and
+  ``uv_faces [F, 3]`` (face ``f`` reads its texture coordinates through ``uv_faces[f]``; ``uv =
+  (0, 0)`` at texel row 0, column 0's outer corner, `zoo.render`'s rule).
+- ``textures [B, N, 4, T, T]``: straight (not premultiplied) RGBA per layer, colour and alpha in
+  ``[0, 1]``.
+- ``mvp [B, C, 4, 4]``: C cameras per sample, world to OpenGL clip space (`zoo.render.camera`).
+- Output ``[B, C, H, W, 4]``: colour and coverage alpha, **row 0 at the top** (saved as is).
+  Without ``background`` the colour is premultiplied (composited over black); with one it is
+  ``colour + (1 - alpha) * background``.
+
+Every surface along a pixel's ray is a fragment: the front and back of each shell, and of each
+part where parts overlap (up to 24 per pixel on the mannequin's five shells seen from the front,
+50 from the side). ``num_layers`` peels that many, nearest first, and drops deeper ones (default
+``4 N``: a ray through a limb crosses ``2 N`` fragments of it before the shells of the body part
+behind, so the body surface behind one crossing limb is always reached; ``2 N`` left holes where
+transparent outer shells of overlapping parts stack up). All
+layers are rasterized, looked up and composited in one batched pass
+(`zoo.render.DepthPeeler.rasterize_layers`). The lookup is bilinear with clamped edges
+in the fragment's own layer texture: written here because `zoo.render.texture` samples one
+texture per image, while here the layer changes from pixel to pixel (no mip-mapping, a choice:
+textures are about as dense as the pixels). Antialiasing (`zoo.render.antialias`, on by default)
+runs once on the composite against the nearest layer's silhouettes, which is what carries
+gradients to the outline of the body.
+"""
+from __future__ import annotations
+
+import torch
+
+from zoo.errors import RenderError
+from zoo.render import DepthPeeler, antialias as aa_edges, composite, interpolate, look_at, perspective, transform
+
+__all__ = ["render_shells", "layer_triangles", "sample_layer_textures", "orbit_cameras"]
+
+
+def layer_triangles(faces: torch.Tensor, num_layers: int, num_vertices: int) -> torch.Tensor:
+    """All layers' triangles ``[N F, 3]`` int32 into the layers' stacked vertices ``[N V]``."""
+    offsets = num_vertices * torch.arange(num_layers, device=faces.device)
+    return (faces[None].long() + offsets[:, None, None]).reshape(-1, 3).int()
+
+
+def sample_layer_textures(textures: torch.Tensor, image_sample: torch.Tensor, layer: torch.Tensor,
+                          uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear RGBA lookups ``[P, 4]``, clamped at the edges.
+
+    ``textures [B, N, 4, T, T]``; per lookup ``p``: its sample ``image_sample [P]``, its layer
+    ``layer [P]`` and its coordinates ``uv [P, 2]``. Differentiable in textures and uv."""
+    b, n, c, t, t2 = textures.shape
+    flat = textures.permute(0, 1, 3, 4, 2).reshape(-1, c)  # [B N T T, 4]
+    base = (image_sample * n + layer) * (t * t2)
+    x = uv[:, 0] * t2 - 0.5
+    y = uv[:, 1] * t - 0.5
+    x0, y0 = x.floor(), y.floor()
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    x0, y0 = x0.long(), y0.long()
+    xs = (x0.clamp(0, t2 - 1), (x0 + 1).clamp(0, t2 - 1))
+    ys = (y0.clamp(0, t - 1), (y0 + 1).clamp(0, t - 1))
+
+    def at(yi, xi):
+        return flat.index_select(0, base + yi * t2 + xi)
+
+    top = at(ys[0], xs[0]) * (1 - fx) + at(ys[0], xs[1]) * fx
+    bottom = at(ys[1], xs[0]) * (1 - fx) + at(ys[1], xs[1]) * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _check(shells, faces, uv, uv_faces, textures, mvp):
+    if shells.dim() != 4 or shells.shape[-1] != 3:
+        raise RenderError(f"shells must be [B, N, V, 3], not {tuple(shells.shape)}")
+    b, n = shells.shape[:2]
+    if textures.dim() != 5 or tuple(textures.shape[:3]) != (b, n, 4):
+        raise RenderError(f"textures must be [B, N, 4, T, T] = [{b}, {n}, 4, T, T] for these shells, "
+                          f"not {tuple(textures.shape)}")
+    if mvp.dim() != 4 or mvp.shape[0] != b or tuple(mvp.shape[2:]) != (4, 4):
+        raise RenderError(f"mvp must be [B, C, 4, 4] with B = {b}, not {tuple(mvp.shape)}")
+    if uv_faces.shape != faces.shape or uv.dim() != 2 or uv.shape[1] != 2:
+        raise RenderError(f"uv must be [Vt, 2] and uv_faces match faces {tuple(faces.shape)}; got "
+                          f"{tuple(uv.shape)} and {tuple(uv_faces.shape)}")
+
+
+def render_shells(shells: torch.Tensor, faces: torch.Tensor, uv: torch.Tensor, uv_faces: torch.Tensor,
+                  textures: torch.Tensor, mvp: torch.Tensor, resolution, num_layers: int | None = None,
+                  background: torch.Tensor | None = None, antialias: bool = True, backend: str = "auto",
+                  topology_hash=None) -> torch.Tensor:
+    """Render textured shells to ``[B, C, H, W, 4]`` (see the module docstring for every convention).
+
+    Differentiable in ``shells`` (hence in the pose that made them), ``textures`` and ``mvp``.
+    ``topology_hash``: `zoo.render.antialias_construct_topology_hash` of `layer_triangles`, to
+    skip rebuilding it when the mesh is fixed.
+    """
+    _check(shells, faces, uv, uv_faces, textures, mvp)
+    b, n, v, _ = shells.shape
+    c = mvp.shape[1]
+    h, w = (int(r) for r in resolution)
+    k_layers = 4 * n if num_layers is None else int(num_layers)
+    if k_layers < 1:
+        raise RenderError(f"num_layers must be at least 1, got {num_layers}")
+    f = faces.shape[0]
+    tri = layer_triangles(faces, n, v)
+    uv_tri = uv_faces.int().repeat(n, 1)
+    pos = transform(shells.reshape(b, 1, n * v, 3), mvp).reshape(b * c, n * v, 4)
+    with DepthPeeler(pos, tri, (h, w), grad_db=False, backend=backend) as peeler:
+        rast, _ = peeler.rasterize_layers(k_layers)  # [K, B C, H, W, 4]
+    tid = rast[..., 3].reshape(-1).long() - 1  # float ids are exact below 2^24 triangles
+    hit = (tid >= 0).nonzero().squeeze(1)
+    uv_pix = interpolate(uv, rast.reshape(k_layers * b * c, h, w, 4), uv_tri, backend=backend)[0].reshape(-1, 2)
+    image_sample = (hit // (h * w)) % (b * c) // c
+    rgba = sample_layer_textures(textures, image_sample, tid[hit] // f, uv_pix[hit])
+    full = torch.zeros(k_layers * b * c * h * w, 4, dtype=rgba.dtype, device=rgba.device).index_put((hit,), rgba)
+    layers = full.reshape(k_layers, b * c, h, w, 4)
+    first = rast[0]
+    out = composite(layers, background=background)
+    if antialias:
+        out = aa_edges(out.contiguous(), first, pos, tri, topology_hash=topology_hash, backend=backend)
+    return out.flip(1).reshape(b, c, h, w, 4)
+
+
+def orbit_cameras(num_views: int, distance: float = 2.6, elevation: float = 0.0, fov: float = 40.0,
+                  target=(0.0, 0.9, 0.0), start: float = 0.0, near: float = 0.1, far: float = 10.0,
+                  dtype=torch.float32) -> torch.Tensor:
+    """``num_views`` cameras ``[C, 4, 4]`` (world to clip) evenly around the vertical axis through
+    ``target``, ``distance`` away, ``elevation`` degrees up, the first at azimuth ``start``
+    degrees (0 looks at the body's front, from ``+z``); ``fov`` is vertical, in degrees."""
+    if num_views < 1:
+        raise RenderError(f"num_views must be at least 1, got {num_views}")
+    az = torch.deg2rad(torch.tensor(start, dtype=torch.float64) + torch.arange(num_views) * 360.0 / num_views)
+    el = torch.deg2rad(torch.tensor(float(elevation), dtype=torch.float64))
+    tgt = torch.tensor(target, dtype=torch.float64)
+    eye = tgt + distance * torch.stack([torch.sin(az) * torch.cos(el), torch.sin(el).expand_as(az),
+                                        torch.cos(az) * torch.cos(el)], -1)
+    view = look_at(eye, tgt.expand_as(eye), dtype=torch.float64)
+    return (perspective(fov, 1.0, near, far, dtype=torch.float64) @ view).to(dtype)
