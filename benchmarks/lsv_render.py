@@ -2,13 +2,12 @@
 
     .venv/bin/python benchmarks/lsv_render.py [--threads 2] [--reps 10] [--device cpu|cuda]
 
-Times `zoo.models.lsv.render_shells` (pose already applied: skinning is not included; depth
-peeling of the default 20 fragment layers, the RGBA lookups, compositing, antialiasing) forward, and forward
-plus backward to the textures and the shell vertices, at batch 1 and 8 (one camera per sample),
-with 256-pixel RGBA textures. The peer on every row is the same renderer with the torch
-backend's depth peeler replaced by one rasterization per layer (how it peeled before it sorted
-a single coverage pass into layers), interleaved in the same process. On a CUDA device with
-nvdiffrast, nvdiffrast's own peeler runs too. Writes docs/results/lsv_render_<device>.md. Not
+Times `zoo.models.lsv.render_shells` (pose already applied: skinning is not included; every
+fragment composited, the RGBA lookups, antialiasing) forward, and forward plus backward to the
+textures and the shell vertices, at batch 1 and 8 (one camera per sample), with 256-pixel RGBA
+textures. The peer on every row is classic depth peeling: 20 dense layers, each a full
+rasterization behind the last (how this renderer first worked), interleaved in the same
+process. On a CUDA device with nvdiffrast, nvdiffrast's own peeler (20 layers) runs too. Writes docs/results/lsv_render_<device>.md. Not
 a test: nothing asserts on time.
 """
 from __future__ import annotations
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 import zoo.render as R
+import zoo.models.lsv.render as lsv_render
 from zoo.models.lsv import ShellConfig, Shells, render_shells, template_from_mannequin
 from zoo.models.lsv.render import layer_triangles, orbit_cameras
 from zoo.render.layers import DepthPeeler
@@ -31,14 +31,18 @@ from zoo.tables import format_table, results_file
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 
 
-@contextlib.contextmanager
-def one_rasterization_per_layer():
-    """The torch peeler as it was: each layer rasterizes every triangle again behind the last."""
-    original = DepthPeeler.rasterize_layers
+PEEL_LAYERS = 20
 
-    def peel(self, num_layers):
-        if self._nv is not None:
-            return original(self, num_layers)
+
+class _PeelEachLayer(DepthPeeler):
+    """The torch peeler as classic depth peeling: dense layers, each rasterizing every triangle
+    again behind the last (not "torch", so the renderer takes its layer-by-layer path)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.backend = "peel-each-layer"
+
+    def rasterize_layers(self, num_layers):
         state, out = None, []
         for _ in range(num_layers):
             rast, db, keys = rasterize_torch(self.pos, self.tri, self.resolution, self.ranges, self.grad_db, state)
@@ -46,11 +50,15 @@ def one_rasterization_per_layer():
             out.append((rast, db))
         return torch.stack([r for r, _ in out]), torch.stack([d for _, d in out])
 
-    DepthPeeler.rasterize_layers = peel
+
+@contextlib.contextmanager
+def one_rasterization_per_layer():
+    original = lsv_render.DepthPeeler
+    lsv_render.DepthPeeler = _PeelEachLayer
     try:
         yield
     finally:
-        DepthPeeler.rasterize_layers = original
+        lsv_render.DepthPeeler = original
 
 
 def timer(device):
@@ -82,10 +90,10 @@ def run(args) -> None:
     n, v = rest.shape[1], rest.shape[2]
     topo = R.antialias_construct_topology_hash(layer_triangles(faces, n, v))
     g = torch.Generator().manual_seed(0)
-    variants = {"zoo (one pass, sorted)": ("torch", contextlib.nullcontext),
-                "one rasterization per layer": ("torch", one_rasterization_per_layer)}
+    variants = {"zoo (all fragments, one pass)": ("torch", contextlib.nullcontext, None),
+                "one rasterization per layer": ("torch", one_rasterization_per_layer, PEEL_LAYERS)}
     if device.type == "cuda" and R.nvdiffrast_available():
-        variants["nvdiffrast"] = ("nvdiffrast", contextlib.nullcontext)
+        variants["nvdiffrast"] = ("nvdiffrast", contextlib.nullcontext, PEEL_LAYERS)
     rows = []
     for res in (256, 512):
         for batch in (1, 8):
@@ -96,20 +104,20 @@ def run(args) -> None:
             for backward in (False, True):
                 times = {k: [] for k in variants}
                 for i in range(args.warmup + args.reps):
-                    for name, (backend, ctx) in variants.items():  # interleaved: drift hits all alike
+                    for name, (backend, ctx, layers) in variants.items():  # interleaved: drift hits all alike
                         s = shells.detach().requires_grad_(backward)
                         x = tex.detach().requires_grad_(backward)
                         with ctx():
                             t0 = timer(device)
-                            img = render_shells(s, faces, uv, uv_faces, x, mvp, (res, res), backend=backend,
-                                                topology_hash=topo if backend == "torch" else None)
+                            img = render_shells(s, faces, uv, uv_faces, x, mvp, (res, res), num_layers=layers,
+                                                backend=backend, topology_hash=topo if backend == "torch" else None)
                             if backward:
                                 img.square().sum().backward()
                             ms = (timer(device) - t0) * 1e3
                         if i >= args.warmup:
                             times[name].append(ms)
                 med = {k: statistics.median(x) for k, x in times.items()}
-                zoo_ms = med["zoo (one pass, sorted)"]
+                zoo_ms = med["zoo (all fragments, one pass)"]
                 row = [f"{res}x{res}", str(batch), "forward + backward" if backward else "forward",
                        f"{zoo_ms:.1f}", f"{1e3 * batch / zoo_ms:.1f}", f"{med['one rasterization per layer']:.1f}",
                        f"{med['one rasterization per layer'] / zoo_ms:.2f}"]
@@ -117,10 +125,11 @@ def run(args) -> None:
                     row += [f"{med['nvdiffrast']:.2f}", f"{zoo_ms / med['nvdiffrast']:.1f}"]
                 rows.append(row)
                 print(" | ".join(row), flush=True)
-    print(f"\n{n} shells x {len(faces)} triangles ({n * len(faces)} in all), {4 * n} peeled layers, 256-pixel RGBA "
+    print(f"\n{n} shells x {len(faces)} triangles ({n * len(faces)} in all), every fragment (the peers: {PEEL_LAYERS} layers), 256-pixel RGBA "
           f"textures, one camera per sample, on {device.type} with {args.threads} threads; median of {args.reps} "
           f"after {args.warmup} warm-up rounds. Frames per second count images (batch / time).\n")
-    headers = ["image", "batch", "pass", "zoo ms", "zoo images/s", "per-layer peeling ms", "per-layer / zoo"]
+    headers = ["image", "batch", "pass", "zoo ms", "zoo images/s", f"peeling {PEEL_LAYERS} layers ms",
+               "peeling / zoo"]
     if "nvdiffrast" in variants:
         headers += ["nvdiffrast ms", "zoo torch / nvdiffrast"]
     print(format_table(rows, headers, "markdown"))

@@ -15,7 +15,7 @@ from zoo.errors import RenderError
 
 from . import nvdiffrast_backend as nvdr
 from .ops import check_raster_inputs, nvdr_raster_args, resolve_backend
-from .torch_raster import TorchFragments, fragments_torch, resolve_torch
+from .torch_raster import TorchFragments, fragments_torch, resolve_fragments, resolve_torch
 
 __all__ = ["DepthPeeler", "depth_peel", "composite"]
 
@@ -65,6 +65,21 @@ class DepthPeeler:
         batch = self.pos.shape[0] if self.pos.dim() == 3 else self.ranges.shape[0]
         return resolve_torch(self.pos, self.tri, keys, batch, self.resolution, self.grad_db)
 
+
+    def fragments(self, max_layers: int | None = None):
+        """Every fragment at once, torch backend only: ``(rast [M, 4], pixel [M], layer [M])``.
+
+        ``rast`` holds each fragment's ``(u, v, z/w, triangle_id + 1)`` as `rasterize` does
+        (differentiable in ``pos``), ``pixel`` its index into ``[B*H*W]`` (image-major, row 0
+        at the bottom) and ``layer`` its depth layer, the peel that would return it; sorted by
+        pixel, then layer. ``max_layers`` keeps only the nearest that many layers. Unlike
+        peeling, nothing is dense: the cost follows the number of fragments."""
+        if self._nv is not None:
+            raise RenderError("fragments() is a torch-backend feature (nvdiffrast peels layer by layer); "
+                              "use rasterize_layers(k) or backend='torch'.")
+        if self._fragments is None:
+            self._fragments = fragments_torch(self.pos, self.tri, self.resolution, self.ranges)
+        return resolve_fragments(self.pos, self.tri, self._fragments, self.resolution, max_layers)
 
     def rasterize_layers(self, num_layers: int):
         """The next ``num_layers`` layers at once: ``(rast [K,B,H,W,4], rast_db [K,B,H,W,4|0])``,

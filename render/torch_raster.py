@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["rasterize_torch", "fragments_torch", "resolve_torch", "TorchFragments", "TorchPeelState", "EMPTY_KEY"]
+__all__ = ["rasterize_torch", "fragments_torch", "resolve_torch", "resolve_fragments", "TorchFragments", "TorchPeelState", "EMPTY_KEY"]
 
 EMPTY_KEY = torch.iinfo(torch.int64).max
 # Dense evaluation is split so that no group allocates more than this many grid points
@@ -481,12 +481,11 @@ def fragments_torch(pos: torch.Tensor, tri: torch.Tensor, resolution: tuple[int,
     return TorchFragments(pix, key, rank, batch * height * width)
 
 
-def resolve_torch(pos: torch.Tensor, tri: torch.Tensor, keys: torch.Tensor, batch: int,
-                  resolution: tuple[int, int], grad_db: bool = True):
-    """The differentiable half of rasterization: ``(rast, rast_db)`` for per-pixel ``keys``."""
+def _resolve_samples(pos: torch.Tensor, tri: torch.Tensor, pidx: torch.Tensor, t: torch.Tensor,
+                     resolution: tuple[int, int]):
+    """Differentiable ``(u, v, z/w, id + 1)`` ``[N, 4]`` of triangle ``t [N]`` at pixel ``pidx [N]``
+    (index into ``[B*H*W]``), and what the pixel derivatives need: ``(vals, v, s, bary_c)``."""
     height, width = resolution
-    pidx = (keys != EMPTY_KEY).nonzero().squeeze(1)
-    t = keys[pidx] & 0xFFFFFFFF
     hw = height * width
     b = pidx // hw
     rem = pidx - b * hw
@@ -505,6 +504,29 @@ def resolve_torch(pos: torch.Tensor, tri: torch.Tensor, keys: torch.Tensor, batc
     bary_c = _clamp_forward(bary, 0.0, 1.0)
     vals = torch.stack([bary_c[:, 0], bary_c[:, 1], _clamp_forward(zw, -1.0, 1.0),
                         (t + 1).to(pos.dtype)], dim=1)
+    return vals, v, s, bary_c
+
+
+def resolve_fragments(pos: torch.Tensor, tri: torch.Tensor, fragments: TorchFragments,
+                      resolution: tuple[int, int], max_layers: int | None = None):
+    """Every fragment's ``(u, v, z/w, id + 1)`` ``[M, 4]`` (differentiable, as `rasterize`'s values),
+    with its pixel ``[M]`` and layer ``[M]``; only layers below ``max_layers`` when given."""
+    pix, key, rank = fragments.pix, fragments.key, fragments.rank
+    if max_layers is not None:
+        keep = (rank < max_layers).nonzero().squeeze(1)
+        pix, key, rank = pix[keep], key[keep], rank[keep]
+    vals = _resolve_samples(pos, tri, pix, key & 0xFFFFFFFF, resolution)[0]
+    return vals, pix, rank
+
+
+def resolve_torch(pos: torch.Tensor, tri: torch.Tensor, keys: torch.Tensor, batch: int,
+                  resolution: tuple[int, int], grad_db: bool = True):
+    """The differentiable half of rasterization: ``(rast, rast_db)`` for per-pixel ``keys``."""
+    height, width = resolution
+    pidx = (keys != EMPTY_KEY).nonzero().squeeze(1)
+    t = keys[pidx] & 0xFFFFFFFF
+    hw = height * width
+    vals, v, s, bary_c = _resolve_samples(pos, tri, pidx, t, resolution)
     rast = torch.zeros(batch * hw, 4, dtype=pos.dtype, device=pos.device).index_copy(0, pidx, vals)
     rast = rast.view(batch, height, width, 4)
     if grad_db:

@@ -338,6 +338,15 @@ def test_depth_peeler_layers_equal_successive_peels():
     singles = [r for r, _ in R.depth_peel(pos, tri, (48, 56), 6, backend="torch")]
     assert first_two.shape == (2, 2, 48, 56, 4) and db.shape == (2, 2, 48, 56, 4)
     assert torch.equal(torch.cat([first_two, rest]), torch.stack(singles))
+    with R.DepthPeeler(pos, tri, (48, 56), backend="torch") as peeler:
+        frag, pix, layer = peeler.fragments()
+        near, _, near_layer = peeler.fragments(max_layers=2)
+    assert int(layer.max()) == deepest and int(near_layer.max()) == 1
+    for k, single in enumerate(singles):
+        flat = single.reshape(-1, 4)
+        sel = layer == k
+        assert sel.sum() == (flat[:, 3] > 0).sum()
+        assert torch.equal(frag[sel], flat[pix[sel]])
 
 
 def test_barycentrics_stay_accurate_at_grazing_angles():

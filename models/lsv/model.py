@@ -165,7 +165,7 @@ class LayeredSurfaceVolumes(nn.Module):
     """Textured shells around an articulated body (module docstring).
 
     ``render_resolution``: default image size; ``num_peel_layers``: fragments composited per
-    pixel (None: four times the shells); ``background``: default RGB of `sample` renders.
+    pixel (None: all of them on the torch backend, four per shell with nvdiffrast).
     """
 
     def __init__(self, template: Template, shells: ShellConfig = ShellConfig(),

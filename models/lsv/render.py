@@ -15,12 +15,13 @@ Conventions:
 
 Every surface along a pixel's ray is a fragment: the front and back of each shell, and of each
 part where parts overlap (up to 24 per pixel on the mannequin's five shells seen from the front,
-50 from the side). ``num_layers`` peels that many, nearest first, and drops deeper ones (default
-``4 N``: a ray through a limb crosses ``2 N`` fragments of it before the shells of the body part
-behind, so the body surface behind one crossing limb is always reached; ``2 N`` left holes where
-transparent outer shells of overlapping parts stack up). All
-layers are rasterized, looked up and composited in one batched pass
-(`zoo.render.DepthPeeler.rasterize_layers`). The lookup is bilinear with clamped edges
+50 from the side). On the torch backend every fragment is composited (``num_layers=None``, the
+default): one coverage pass yields them all (`zoo.render.DepthPeeler.fragments`), and only
+covered pixels are laid out, one row of depth layers each, so the cost follows the fragment
+count. ``num_layers=K`` keeps the nearest K. nvdiffrast peels layer by layer, K of them
+(default ``4 N``, which reaches the body surface behind one crossing limb: a ray through a limb
+crosses ``2 N`` of its fragments first).
+The lookup is bilinear with clamped edges
 in the fragment's own layer texture: written here because `zoo.render.texture` samples one
 texture per image, while here the layer changes from pixel to pixel (no mip-mapping, a choice:
 textures are about as dense as the pixels). Antialiasing (`zoo.render.antialias`, on by default)
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from zoo.errors import RenderError
-from zoo.render import DepthPeeler, antialias as aa_edges, composite, interpolate, look_at, perspective, transform
+from zoo.render import DepthPeeler, antialias as aa_edges, look_at, perspective, transform
 
 __all__ = ["render_shells", "layer_triangles", "sample_layer_textures", "orbit_cameras"]
 
@@ -96,27 +97,54 @@ def render_shells(shells: torch.Tensor, faces: torch.Tensor, uv: torch.Tensor, u
     b, n, v, _ = shells.shape
     c = mvp.shape[1]
     h, w = (int(r) for r in resolution)
-    k_layers = 4 * n if num_layers is None else int(num_layers)
-    if k_layers < 1:
+    if num_layers is not None and int(num_layers) < 1:
         raise RenderError(f"num_layers must be at least 1, got {num_layers}")
     f = faces.shape[0]
     tri = layer_triangles(faces, n, v)
-    uv_tri = uv_faces.int().repeat(n, 1)
+    uv_tri = uv_faces.long().repeat(n, 1)
     pos = transform(shells.reshape(b, 1, n * v, 3), mvp).reshape(b * c, n * v, 4)
     with DepthPeeler(pos, tri, (h, w), grad_db=False, backend=backend) as peeler:
-        rast, _ = peeler.rasterize_layers(k_layers)  # [K, B C, H, W, 4]
-    tid = rast[..., 3].reshape(-1).long() - 1  # float ids are exact below 2^24 triangles
-    hit = (tid >= 0).nonzero().squeeze(1)
-    uv_pix = interpolate(uv, rast.reshape(k_layers * b * c, h, w, 4), uv_tri, backend=backend)[0].reshape(-1, 2)
-    image_sample = (hit // (h * w)) % (b * c) // c
-    rgba = sample_layer_textures(textures, image_sample, tid[hit] // f, uv_pix[hit])
-    full = torch.zeros(k_layers * b * c * h * w, 4, dtype=rgba.dtype, device=rgba.device).index_put((hit,), rgba)
-    layers = full.reshape(k_layers, b * c, h, w, 4)
-    first = rast[0]
-    out = composite(layers, background=background)
+        if peeler.backend == "torch":
+            frag, pix, rank = peeler.fragments(num_layers)
+            first, _ = peeler.rasterize_next_layer()
+        else:
+            k = 4 * n if num_layers is None else int(num_layers)
+            rast, _ = peeler.rasterize_layers(k)  # [K, B C, H, W, 4]
+            first = rast[0]
+            flat = rast.reshape(k, -1, 4)
+            rank, pix = (flat[..., 3] > 0).nonzero().unbind(1)
+            frag = flat[rank, pix]
+    tid = frag[:, 3].long() - 1  # float ids are exact below 2^24 triangles
+    bary = frag[:, :2]
+    corners = uv[uv_tri[tid]]  # [M, 3, 2]
+    uv_frag = bary[:, :1] * corners[:, 0] + bary[:, 1:] * corners[:, 1] + (1 - bary.sum(1, keepdim=True)) * corners[:, 2]
+    rgba = sample_layer_textures(textures, pix // (h * w) // c, tid // f, uv_frag)
+    out = _composite_fragments(rgba, pix, rank, b * c * h * w, background).reshape(b * c, h, w, 4)
     if antialias:
         out = aa_edges(out.contiguous(), first, pos, tri, topology_hash=topology_hash, backend=backend)
     return out.flip(1).reshape(b, c, h, w, 4)
+
+
+def _composite_fragments(rgba: torch.Tensor, pix: torch.Tensor, rank: torch.Tensor, num_pixels: int,
+                         background: torch.Tensor | None) -> torch.Tensor:
+    """Front-to-back "over" of straight-alpha fragments ``rgba [M, 4]`` at pixels ``pix [M]`` with
+    depth layers ``rank [M]``; ``[num_pixels, 4]`` as `zoo.render.composite` gives. Only covered
+    pixels are laid out densely, one row of depth layers each."""
+    covered, row = torch.unique(pix, return_inverse=True)
+    depth = int(rank.max()) + 1 if rank.numel() else 1
+    grid = torch.zeros(len(covered), depth, 4, dtype=rgba.dtype, device=rgba.device).index_put((row, rank), rgba)
+    alpha = grid[..., 3:]
+    trans = torch.cumprod(1 - alpha, dim=1)  # after each layer
+    before = torch.cat([torch.ones_like(trans[:, :1]), trans[:, :-1]], 1)
+    color = (before * alpha * grid[..., :3]).sum(1)
+    left = trans[:, -1]
+    if background is not None:
+        color = color + left * background
+    px = torch.cat([color, 1 - left], 1)
+    empty = torch.zeros(4, dtype=rgba.dtype, device=rgba.device)
+    if background is not None:
+        empty[:3] = background
+    return empty.expand(num_pixels, 4).index_put((covered,), px)
 
 
 def orbit_cameras(num_views: int, distance: float = 2.6, elevation: float = 0.0, fov: float = 40.0,
