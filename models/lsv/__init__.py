@@ -10,6 +10,7 @@ from __future__ import annotations
 from zoo.registry import InputSpec, ModelCard, Paper, register_model
 
 from .body import SMPL_JOINTS, SMPL_PARENTS, BodyModel, axis_angle_to_matrix, load_smpl
+from .clothing import bake_vertex_values, procedural_outfit
 from .generator import GeneratorConfig, ModulatedConv2d, TextureGenerator
 from .mannequin import MANNEQUIN_JOINTS, Mannequin, build_mannequin
 from .model import (POSES, LayeredSurfaceVolumes, Template, load_pose, smpl_search_paths, standard_pose,
@@ -21,7 +22,8 @@ __all__ = ["SMPL_JOINTS", "SMPL_PARENTS", "BodyModel", "axis_angle_to_matrix", "
            "ModulatedConv2d", "TextureGenerator", "MANNEQUIN_JOINTS", "Mannequin", "build_mannequin", "POSES",
            "LayeredSurfaceVolumes", "Template", "load_pose", "smpl_search_paths", "standard_pose",
            "template_from_mannequin", "template_from_smpl", "orbit_cameras", "render_shells",
-           "sample_layer_textures", "ShellConfig", "Shells", "vertex_normals", "build_lsv"]
+           "sample_layer_textures", "ShellConfig", "Shells", "vertex_normals", "build_lsv", "bake_vertex_values",
+           "procedural_outfit"]
 
 PAPER = Paper("Efficient 3D Articulated Human Generation with Layered Surface Volumes", "2307.05462")
 

@@ -90,7 +90,6 @@ def demo_lsv(out: Path) -> None:
           f"{folder / 'outfit_walk.glb'}")
 
 
-
 def demo_lidar(out: Path) -> None:
     """LiDAR detection on the synthetic KITTI world: a short training run from scratch, then the
     shipped pathfusion_lidar_tiny weights (when this checkout has them) evaluated on held-out

@@ -110,7 +110,7 @@ def register(sub) -> None:
     s.add_argument("--num", type=int, default=None, help="samples (default 16 clouds, 4 humans)")
     s.add_argument("--out", required=True)
     h = s.add_argument_group("layered-surface humans (lsv_*)")
-    h.add_argument("--pose", default="rest", help="rest, walk, or a .npy of axis-angles [24, 3] / [P, 24, 3]")
+    h.add_argument("--pose", default="rest", help="rest, walk, or a .npy of axis-angles [24, 3], [72] or [P, 24, 3]")
     h.add_argument("--views", type=int, default=4, help="cameras around the body (default 4)")
     h.add_argument("--psi", type=float, default=1.0, help="truncation psi (1: none)")
     h.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")

@@ -2,6 +2,7 @@
 skinned, textured GLB per sample (and pose)."""
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ def sample_humans(args, model) -> int:
 
     from zoo.data.humans_io import image_grid, save_gif, save_png, write_skinned_glb
     from zoo.errors import ConfigError
+    from zoo.io import atomic_write
     from zoo.models.lsv import SMPL_JOINTS, load_pose
 
     if args.views < 1:
@@ -51,7 +53,10 @@ def sample_humans(args, model) -> int:
                 out / name, rest, body.faces.numpy(), model.uv.numpy(), model.uv_faces.numpy(),
                 textures[s].numpy(), shells_mod.skin_weights.numpy(), rest_joints, body.parents, SMPL_JOINTS,
                 poses[k].numpy()))
-    np.save(out / "textures.npy", textures.numpy().astype(np.float16))
+    buf = io.BytesIO()
+    np.save(buf, textures.numpy().astype(np.float16))
+    with atomic_write(out / "textures.npy", "wb") as f:
+        f.write(buf.getvalue())
     written.append(out / "textures.npy")
     print(f"{args.name}: {num} samples x {p} pose(s) x {args.views} views at "
           f"{images.shape[3]}x{images.shape[4]}, {model.num_layers} shells, {ms:.0f} ms; wrote {len(written)} files "
