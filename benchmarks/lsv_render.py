@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def run(args) -> None:
                 if "nvdiffrast" in med:
                     row += [f"{med['nvdiffrast']:.2f}", f"{zoo_ms / med['nvdiffrast']:.1f}"]
                 rows.append(row)
-                print(" | ".join(row), flush=True)
+                print(" | ".join(row), file=sys.stderr, flush=True)  # progress; the table goes to the file
     print(f"\n{n} shells x {len(faces)} triangles ({n * len(faces)} in all), every fragment (the peers: {PEEL_LAYERS} layers), 256-pixel RGBA "
           f"textures, one camera per sample, on {device.type} with {args.threads} threads; median of {args.reps} "
           f"after {args.warmup} warm-up rounds. Frames per second count images (batch / time).\n")
