@@ -56,15 +56,15 @@ class DepthPeeler:
         """The next layer's ``(rast, rast_db)``, same format as :func:`zoo.render.rasterize`."""
         if self._nv is not None:
             return self._nv.rasterize_next_layer()
+        rast, rast_db = self.rasterize_layers(1)
+        return rast[0], rast_db[0]
+
+    def _all_fragments(self) -> TorchFragments:
         if self._fragments is None:
             # One coverage pass sorted into layers (the torch backend's A-buffer), instead of
             # one rasterization per layer; the layers are the same.
             self._fragments = fragments_torch(self.pos, self.tri, self.resolution, self.ranges)
-        keys = self._fragments.layer(self._layer)
-        self._layer += 1
-        batch = self.pos.shape[0] if self.pos.dim() == 3 else self.ranges.shape[0]
-        return resolve_torch(self.pos, self.tri, keys, batch, self.resolution, self.grad_db)
-
+        return self._fragments
 
     def fragments(self, max_layers: int | None = None):
         """Every fragment at once, torch backend only: ``(rast [M, 4], pixel [M], layer [M])``.
@@ -77,9 +77,7 @@ class DepthPeeler:
         if self._nv is not None:
             raise RenderError("fragments() is a torch-backend feature (nvdiffrast peels layer by layer); "
                               "use rasterize_layers(k) or backend='torch'.")
-        if self._fragments is None:
-            self._fragments = fragments_torch(self.pos, self.tri, self.resolution, self.ranges)
-        return resolve_fragments(self.pos, self.tri, self._fragments, self.resolution, max_layers)
+        return resolve_fragments(self.pos, self.tri, self._all_fragments(), self.resolution, max_layers)
 
     def rasterize_layers(self, num_layers: int):
         """The next ``num_layers`` layers at once: ``(rast [K,B,H,W,4], rast_db [K,B,H,W,4|0])``,
@@ -91,10 +89,8 @@ class DepthPeeler:
         if self._nv is not None:
             out = [self._nv.rasterize_next_layer() for _ in range(k)]
             return torch.stack([r for r, _ in out]), torch.stack([d for _, d in out])
-        if self._fragments is None:
-            self._fragments = fragments_torch(self.pos, self.tri, self.resolution, self.ranges)
         batch = self.pos.shape[0] if self.pos.dim() == 3 else self.ranges.shape[0]
-        keys = self._fragments.layers(self._layer, k)  # [K * B*H*W]: layer-major
+        keys = self._all_fragments().layers(self._layer, k)  # [K * B*H*W]: layer-major
         self._layer += k
         # Layer j of image b becomes image j*B + b of one resolve; range mode indexes pos directly.
         pos = self.pos.repeat(k, 1, 1) if self.pos.dim() == 3 else self.pos

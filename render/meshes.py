@@ -21,14 +21,15 @@ def quad(size: float = 1.0, z: float = 0.0):
     return verts, uv, tri
 
 
-def capsule(radius: float = 0.5, length: float = 1.0, segments: int = 96, rings: int = 72):
+def capsule(radius: float = 0.5, length: float = 1.0, segments: int = 96, rings: int = 72,
+            dtype: torch.dtype = torch.float32):
     """Closed, watertight capsule along ``y``: vertices ``[V,3]``, tri ``[2*segments*rings, 3]``.
 
     Two hemispheres of radius ``radius`` joined by a cylinder of ``length``: ``rings`` rows
     of ``segments`` vertices between the two poles, evenly spaced along the profile, so
     triangles are of similar size everywhere. The defaults give 13,824 triangles, an
     SMPL-sized body.
-    Triangles wind counter-clockwise seen from outside.
+    Triangles wind counter-clockwise seen from outside. ``dtype``: of the vertices.
     """
     if segments < 3 or rings < 1 or radius <= 0 or length < 0:
         raise RenderError("capsule needs segments >= 3, rings >= 1, radius > 0 and length >= 0")
@@ -56,7 +57,7 @@ def capsule(radius: float = 0.5, length: float = 1.0, segments: int = 96, rings:
     ring = torch.stack([r * torch.cos(theta), h, -r * torch.sin(theta)], dim=-1).reshape(-1, 3)
     top = torch.tensor([[0.0, length / 2 + radius, 0.0]], dtype=torch.float64)
     bottom = torch.tensor([[0.0, -length / 2 - radius, 0.0]], dtype=torch.float64)
-    verts = torch.cat([ring, top, bottom]).float()
+    verts = torch.cat([ring, top, bottom]).to(dtype)  # built in float64
     top_i, bottom_i = rings * segments, rings * segments + 1
     s = torch.arange(segments)
     s1 = (s + 1) % segments

@@ -435,14 +435,9 @@ class TorchFragments:
     rank: torch.Tensor
     size: int
 
-    def layer(self, k: int) -> torch.Tensor:
-        """Layer ``k``'s per-pixel keys ``[B*H*W]``, as ``k`` peels would leave them."""
-        keys = torch.full((self.size,), EMPTY_KEY, dtype=torch.long, device=self.key.device)
-        sel = self.rank == k
-        return keys.index_copy_(0, self.pix[sel], self.key[sel])
-
     def layers(self, first: int, count: int) -> torch.Tensor:
-        """Layers ``first .. first+count-1`` stacked layer-major: keys ``[count * B*H*W]``."""
+        """Layers ``first .. first+count-1`` stacked layer-major: keys ``[count * B*H*W]``, as that
+        many peels would leave them."""
         keys = torch.full((count * self.size,), EMPTY_KEY, dtype=torch.long, device=self.key.device)
         sel = ((self.rank >= first) & (self.rank < first + count)).nonzero().squeeze(1)
         return keys.index_copy_(0, (self.rank[sel] - first) * self.size + self.pix[sel], self.key[sel])

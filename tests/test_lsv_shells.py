@@ -5,7 +5,8 @@ import torch
 
 from zoo.models.lsv import (SMPL_PARENTS, ShellConfig, Shells, build_mannequin, standard_pose,
                             template_from_mannequin, vertex_normals)
-from zoo.models.lsv.mannequin import MANNEQUIN_TIPS, bone_segments
+from zoo.models.lsv.body import bone_segments
+from zoo.models.lsv.mannequin import MANNEQUIN_TIPS
 from zoo.models.lsv.shells import _closest_on_bones
 
 

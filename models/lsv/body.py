@@ -32,7 +32,8 @@ import torch.nn as nn
 
 from zoo.errors import ConfigError, WeightsError
 
-__all__ = ["SMPL_JOINTS", "SMPL_PARENTS", "BodyModel", "axis_angle_to_matrix", "load_smpl"]
+__all__ = ["SMPL_JOINTS", "SMPL_PARENTS", "BodyModel", "axis_angle_to_matrix", "load_smpl", "bone_end_weights",
+           "bone_segments", "closest_on_segments"]
 
 SMPL_JOINTS = ("pelvis", "left_hip", "right_hip", "spine1", "left_knee", "right_knee", "spine2", "left_ankle",
                "right_ankle", "spine3", "left_foot", "right_foot", "neck", "left_collar", "right_collar", "head",
@@ -57,6 +58,41 @@ def axis_angle_to_matrix(v: torch.Tensor) -> torch.Tensor:
     k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(*v.shape[:-1], 3, 3)
     eye = torch.eye(3, dtype=v.dtype, device=v.device).expand_as(k)
     return eye + a * k + b * (k @ k)
+
+
+def bone_end_weights(parents=SMPL_PARENTS, tips: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each joint's bone ends, as ``end = weights @ joints + offset``: ``weights [K, K]``
+    average a joint's children; a leaf ends at its ``tips`` entry (a fixed point, in ``offset
+    [K, 3]``), or at itself (a point bone) without one."""
+    k = len(parents)
+    weights, offset = torch.zeros(k, k), torch.zeros(k, 3)
+    for j in range(k):
+        children = [i for i, p in enumerate(parents) if p == j]
+        if children:
+            weights[j, children] = 1.0 / len(children)
+        elif tips and j in tips:
+            offset[j] = torch.as_tensor(tips[j], dtype=torch.float32)
+        else:
+            weights[j, j] = 1.0
+    return weights, offset
+
+
+def bone_segments(joints: torch.Tensor, parents=SMPL_PARENTS, tips: dict | None = None,
+                  ends: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Bones ``[..., K, 2, 3]`` (joint, end) of joints ``[..., K, 3]``; ``ends``: `bone_end_weights`
+    precomputed (else built from ``parents`` and ``tips``)."""
+    weights, offset = bone_end_weights(parents, tips) if ends is None else ends
+    end = weights.to(joints) @ joints + offset.to(joints)
+    return torch.stack([joints, end], -2)
+
+
+def closest_on_segments(points: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """Closest points ``[..., P, S, 3]`` of points ``[..., P, 3]`` on segments ``[..., S, 2, 3]``."""
+    a, b = segments[..., None, :, 0, :], segments[..., None, :, 1, :]
+    ab = b - a
+    p = points[..., :, None, :]
+    t = (((p - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-12)).clamp(0, 1)
+    return a + t[..., None] * ab
 
 
 class BodyModel(nn.Module):

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from zoo.errors import ConfigError
+from zoo.render import capsule
 
-from .body import SMPL_JOINTS, SMPL_PARENTS, BodyModel
+from .body import SMPL_JOINTS, BodyModel, bone_segments, closest_on_segments
 
-__all__ = ["MANNEQUIN_JOINTS", "MANNEQUIN_TIPS", "Mannequin", "build_mannequin", "bone_segments"]
+__all__ = ["MANNEQUIN_JOINTS", "MANNEQUIN_TIPS", "Mannequin", "build_mannequin"]
 
 # Rest joint positions [24, 3] in SMPL's order and axes (a 1.75 m figure, arms out).
 MANNEQUIN_JOINTS = (
@@ -64,64 +65,23 @@ def _parts() -> list[_Part]:
     return parts
 
 
-def bone_segments(joints: torch.Tensor, parents=SMPL_PARENTS, tips: dict | None = None) -> torch.Tensor:
-    """Each joint's bone ``[24, 2, 3]``: from the joint to the mean of its children, or to its
-    tip for a leaf (``tips``, default the mannequin's; a leaf without one is a point)."""
-    tips = MANNEQUIN_TIPS if tips is None else tips
-    ends = []
-    for k in range(len(parents)):
-        children = [i for i, p in enumerate(parents) if p == k]
-        if children:
-            ends.append(joints[children].mean(0))
-        elif k in tips:
-            ends.append(torch.as_tensor(tips[k], dtype=joints.dtype))
-        else:
-            ends.append(joints[k])
-    return torch.stack([joints, torch.stack(ends)], 1)
-
-
-def _point_segment_distance(points: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-    """Distances ``[P, S]`` from points ``[P, 3]`` to segments ``[S, 2, 3]``."""
-    a, b = seg[:, 0], seg[:, 1]
-    ab = b - a
-    t = ((points[:, None] - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-12)
-    closest = a + t.clamp(0, 1)[..., None] * ab
-    return (points[:, None] - closest).norm(dim=-1)
-
-
 def _capsule_chart(part: _Part, segments: int, rings: int):
     """One part's vertices ``[V, 3]``, faces ``[F, 3]``, chart uv ``[Vt, 2]`` in ``[0,1]^2`` (u around,
-    v along the profile) and uv faces ``[F, 3]``; also the chart's size in metres (around, along)."""
+    v along the profile) and uv faces ``[F, 3]``; also the chart's size in metres (around, along).
+
+    The mesh is `zoo.render.capsule` (rings evenly spaced along the profile, poles last), squashed
+    along ``z`` by ``depth_scale`` and turned from ``+y`` onto the part's axis."""
     r, start, end = part.radius, torch.tensor(part.start), torch.tensor(part.end)
     length = float((end - start).norm())
-    cap = math.pi / 2 * r
-    total = 2 * cap + length
-    s = torch.arange(1, rings + 1, dtype=torch.float64) * total / (rings + 1)  # arc length from the top pole
-    height = torch.where(s < cap, length / 2 + r * torch.cos(s / r),
-                         torch.where(s <= cap + length, length / 2 - (s - cap),
-                                     -length / 2 - r * torch.cos((total - s) / r)))
-    radius = torch.where(s < cap, r * torch.sin(s / r),
-                         torch.where(s <= cap + length, torch.full_like(s, r), r * torch.sin((total - s) / r)))
-    theta = torch.arange(segments, dtype=torch.float64) * (2 * math.pi / segments)
-    # local frame: capsule axis along +y from `start` (bottom) to `end` (top)
-    ring = torch.stack([radius[:, None] * torch.cos(theta), height[:, None].expand(rings, segments),
-                        -radius[:, None] * torch.sin(theta) * part.depth_scale], -1).reshape(-1, 3)
-    poles = torch.tensor([[0.0, length / 2 + r, 0.0], [0.0, -length / 2 - r, 0.0]], dtype=torch.float64)
-    local = torch.cat([ring, poles])
+    total = math.pi * r + length  # the profile: two quarter circles and the straight part
+    s = torch.arange(1, rings + 1, dtype=torch.float64) * total / (rings + 1)  # capsule's ring spacing
+    local, faces = capsule(r, length, segments, rings, dtype=torch.float64)
+    local = local * torch.tensor([1.0, 1.0, part.depth_scale], dtype=torch.float64)
     axis = (end - start).double() / max(length, 1e-12)
-    up = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)
-    rot = _rotation_between(up, axis)
+    rot = _rotation_between(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), axis)
     verts = local @ rot.T + ((start + end) / 2).double()
-    top, bottom = rings * segments, rings * segments + 1
+    faces = faces.long()
     i = torch.arange(segments)
-    i1 = (i + 1) % segments
-    faces = [torch.stack([torch.full_like(i, top), i, i1], 1)]
-    for k in range(rings - 1):
-        a, b, c, d = k * segments + i, k * segments + i1, (k + 1) * segments + i, (k + 1) * segments + i1
-        faces += [torch.stack([a, c, d], 1), torch.stack([a, d, b], 1)]
-    last = (rings - 1) * segments
-    faces.append(torch.stack([torch.full_like(i, bottom), last + i1, last + i], 1))
-    faces = torch.cat(faces)
     # uv: a (segments + 1) x rings grid (the seam column is duplicated) plus one pole uv per segment
     cols = segments + 1
     uv_grid = torch.stack(torch.meshgrid(torch.arange(cols, dtype=torch.float64) / segments,
@@ -213,8 +173,8 @@ def build_mannequin(segments: int = 12, rings: int = 10, torso_segments: int = 2
         nv, nt = nv + len(v), nt + len(uv)
     v_template = torch.cat(verts)
     joints = torch.tensor(MANNEQUIN_JOINTS)
-    bones = bone_segments(joints)
-    d = _point_segment_distance(v_template, bones)
+    bones = bone_segments(joints, tips=MANNEQUIN_TIPS)
+    d = (v_template[:, None] - closest_on_segments(v_template, bones)).norm(dim=-1)  # [V, 24]
     w = torch.exp(-((d - d.min(1, keepdim=True).values) / falloff) ** 2)
     w = torch.where(w < 1e-3, torch.zeros_like(w), w)
     w = w / w.sum(1, keepdim=True)

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from zoo.errors import RenderError
-from zoo.render import DepthPeeler, antialias as aa_edges, look_at, perspective, transform
+from zoo.render import DepthPeeler, antialias as aa_edges, composite, look_at, perspective, transform
 
 __all__ = ["render_shells", "layer_triangles", "sample_layer_textures", "orbit_cameras"]
 
@@ -127,24 +127,16 @@ def render_shells(shells: torch.Tensor, faces: torch.Tensor, uv: torch.Tensor, u
 
 def _composite_fragments(rgba: torch.Tensor, pix: torch.Tensor, rank: torch.Tensor, num_pixels: int,
                          background: torch.Tensor | None) -> torch.Tensor:
-    """Front-to-back "over" of straight-alpha fragments ``rgba [M, 4]`` at pixels ``pix [M]`` with
-    depth layers ``rank [M]``; ``[num_pixels, 4]`` as `zoo.render.composite` gives. Only covered
-    pixels are laid out densely, one row of depth layers each."""
+    """`zoo.render.composite` of straight-alpha fragments ``rgba [M, 4]`` at pixels ``pix [M]`` with
+    depth layers ``rank [M]``: ``[num_pixels, 4]``. Only covered pixels are laid out, one row of
+    depth layers each (empty layers are transparent)."""
     covered, row = torch.unique(pix, return_inverse=True)
     depth = int(rank.max()) + 1 if rank.numel() else 1
-    grid = torch.zeros(len(covered), depth, 4, dtype=rgba.dtype, device=rgba.device).index_put((row, rank), rgba)
-    alpha = grid[..., 3:]
-    trans = torch.cumprod(1 - alpha, dim=1)  # after each layer
-    before = torch.cat([torch.ones_like(trans[:, :1]), trans[:, :-1]], 1)
-    color = (before * alpha * grid[..., :3]).sum(1)
-    left = trans[:, -1]
-    if background is not None:
-        color = color + left * background
-    px = torch.cat([color, 1 - left], 1)
+    grid = torch.zeros(depth, len(covered), 4, dtype=rgba.dtype, device=rgba.device).index_put((rank, row), rgba)
     empty = torch.zeros(4, dtype=rgba.dtype, device=rgba.device)
     if background is not None:
         empty[:3] = background
-    return empty.expand(num_pixels, 4).index_put((covered,), px)
+    return empty.expand(num_pixels, 4).index_put((covered,), composite(grid, background=background))
 
 
 def orbit_cameras(num_views: int, distance: float = 2.6, elevation: float = 0.0, fov: float = 40.0,

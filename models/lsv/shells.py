@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from zoo.errors import ConfigError
 
-from .body import BodyModel
+from .body import BodyModel, bone_end_weights, bone_segments, closest_on_segments
 
 __all__ = ["ShellConfig", "Shells", "vertex_normals"]
 
@@ -78,10 +78,7 @@ def _closest_on_bones(points: torch.Tensor, bones: torch.Tensor, normals: torch.
     With ``normals [B, V, 3]``, only bone points behind the surface (``(q - p) . n < 0``) count, so a
     bone outside the body near a vertex (a collar bone above the chest) never pulls it outward; a
     vertex with no bone behind it keeps itself (no shrink)."""
-    a, b = bones[:, None, :, 0], bones[:, None, :, 1]
-    ab = b - a
-    t = (((points[:, :, None] - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-12)).clamp(0, 1)
-    closest = a + t[..., None] * ab  # [B, V, K, 3]
+    closest = closest_on_segments(points, bones)  # [B, V, K, 3]
     dist = (points[:, :, None] - closest).norm(dim=-1)
     if normals is not None:
         behind = ((closest - points[:, :, None]) * normals[:, :, None]).sum(-1) < 0
@@ -94,29 +91,15 @@ def _closest_on_bones(points: torch.Tensor, bones: torch.Tensor, normals: torch.
 
 
 class Shells(nn.Module):
-    """Shells around ``body`` (see the module docstring).
-
-    ``bone_ends [24, 25]`` and ``bone_tips [24, 3]`` say where each joint's bone ends, as
-    ``end_k = bone_ends[k, :24] @ joints + bone_ends[k, 24] * bone_tips[k]`` (the mean of its
-    children, or a fixed tip for a leaf); only ``shrink="skeleton"`` uses them.
-    """
+    """Shells around ``body`` (see the module docstring); ``tips``: where leaf bones end
+    (`bone_end_weights`), used by ``shrink="skeleton"`` only."""
 
     def __init__(self, body: BodyModel, config: ShellConfig = ShellConfig(), tips: dict | None = None):
         super().__init__()
         self.body, self.config = body, config.check()
-        parents = body.parents
-        k = len(parents)
-        ends, tip_pos = torch.zeros(k, k + 1), torch.zeros(k, 3)
-        for j in range(k):
-            children = [i for i, p in enumerate(parents) if p == j]
-            if children:
-                ends[j, children] = 1.0 / len(children)
-            elif tips and j in tips:
-                ends[j, k], tip_pos[j] = 1.0, torch.as_tensor(tips[j], dtype=torch.float32)
-            else:
-                ends[j, j] = 1.0
-        self.register_buffer("bone_ends", ends)
-        self.register_buffer("bone_tips", tip_pos)
+        weights, offset = bone_end_weights(body.parents, tips)
+        self.register_buffer("bone_end_weights", weights)
+        self.register_buffer("bone_end_offset", offset)
         with torch.no_grad():
             rest = self.rest_shells(body.v_template[None], body.rest(None)[1])[0]  # [N, V, 3]
         self.register_buffer("skin_weights", self._idw_weights(rest))  # [N, V, 24]
@@ -131,8 +114,7 @@ class Shells(nn.Module):
 
     def bones(self, joints: torch.Tensor) -> torch.Tensor:
         """Bones ``[B, 24, 2, 3]`` of rest joints ``[B, 24, 3]``."""
-        ends = self.bone_ends[:, :-1] @ joints + self.bone_ends[:, -1:] * self.bone_tips
-        return torch.stack([joints, ends], 2)
+        return bone_segments(joints, ends=(self.bone_end_weights, self.bone_end_offset))
 
     def rest_shells(self, verts: torch.Tensor, joints: torch.Tensor) -> torch.Tensor:
         """Unposed shells ``[B, N, V, 3]`` around the unposed body ``verts [B, V, 3]``."""
