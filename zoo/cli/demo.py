@@ -57,8 +57,9 @@ def demo_lsv(out: Path) -> None:
     cameras; the outfit also as a skinned GLB."""
     import torch
 
-    from zoo.data.humans_io import image_grid, save_png, write_skinned_glb
-    from zoo.models.lsv import SMPL_JOINTS, standard_pose
+    from zoo.cli.sample_humans import write_glbs
+    from zoo.data.humans_io import image_grid, save_png
+    from zoo.models.lsv import standard_pose
     from zoo.models.lsv.clothing import procedural_outfit
     from zoo.registry import create_model
 
@@ -76,15 +77,11 @@ def demo_lsv(out: Path) -> None:
             shells = model.pose(pose[None].expand(len(textures), -1, -1))["shells"]
             rows.append(model.render(textures, shells, mvp, 160, background=torch.ones(3))[..., :3])
         images = torch.stack(rows, 1).reshape(-1, 4, 160, 160, 3)  # rows: (sample, pose)
-        rest = model.pose(poses[:1] * 0)["rest"][0]
     ms = (time.perf_counter() - start) * 1e3
     folder = out / "lsv"
     folder.mkdir(parents=True, exist_ok=True)
     save_png(folder / "outfit_and_samples.png", image_grid(images.numpy()))
-    body = model.body
-    write_skinned_glb(folder / "outfit_walk.glb", rest.numpy(), body.faces.numpy(), model.uv.numpy(),
-                      model.uv_faces.numpy(), outfit[0].numpy(), model.shells.skin_weights.numpy(),
-                      body.rest(None)[1][0].numpy(), body.parents, SMPL_JOINTS, poses[1].numpy())
+    write_glbs(model, [(folder / "outfit_walk.glb", outfit[0], poses[1])])
     print(f"\nrendered the 5-shell mannequin in the procedural outfit and 2 untrained lsv_mannequin samples, "
           f"rest and walking, 4 views ({ms:.0f} ms): {folder / 'outfit_and_samples.png'}, "
           f"{folder / 'outfit_walk.glb'}")

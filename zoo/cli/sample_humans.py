@@ -13,10 +13,10 @@ def sample_humans(args, model) -> int:
     import numpy as np
     import torch
 
-    from zoo.data.humans_io import image_grid, save_gif, save_png, write_skinned_glb
+    from zoo.data.humans_io import image_grid, save_gif, save_png
     from zoo.errors import ConfigError
     from zoo.io import atomic_write
-    from zoo.models.lsv import SMPL_JOINTS, load_pose
+    from zoo.models.lsv import load_pose
 
     if args.views < 1:
         raise ConfigError("--views must be at least 1.")
@@ -40,19 +40,11 @@ def sample_humans(args, model) -> int:
             mvp = model.cameras(1, start=360.0 * i / GIF_FRAMES)[None].expand(num, -1, -1, -1)
             img = model.render(textures, shells, mvp, gif_res, background=torch.ones(3))[:, 0, ..., :3]
             frames.append(image_grid(img.numpy()[None]))
-        rest = model.pose(poses[:1] * 0)["rest"][0].numpy()  # the unposed shells (no shape change here)
     ms = (time.perf_counter() - start) * 1e3
     out.mkdir(parents=True, exist_ok=True)
     written = [save_png(out / "views.png", grid), save_gif(out / "turntable.gif", frames)]
-    body, shells_mod = model.body, model.shells
-    rest_joints = body.rest(None)[1][0].numpy()
-    for s in range(num):
-        for k in range(p):
-            name = f"sample_{s:03d}.glb" if p == 1 else f"sample_{s:03d}_pose_{k}.glb"
-            written.append(write_skinned_glb(
-                out / name, rest, body.faces.numpy(), model.uv.numpy(), model.uv_faces.numpy(),
-                textures[s].numpy(), shells_mod.skin_weights.numpy(), rest_joints, body.parents, SMPL_JOINTS,
-                poses[k].numpy()))
+    written += write_glbs(model, [(out / (f"sample_{s:03d}.glb" if p == 1 else f"sample_{s:03d}_pose_{k}.glb"),
+                                   textures[s], poses[k]) for s in range(num) for k in range(p)])
     buf = io.BytesIO()
     np.save(buf, textures.numpy().astype(np.float16))
     with atomic_write(out / "textures.npy", "wb") as f:
@@ -62,3 +54,21 @@ def sample_humans(args, model) -> int:
           f"{images.shape[3]}x{images.shape[4]}, {model.num_layers} shells, {ms:.0f} ms; wrote {len(written)} files "
           f"to {out} (grid: {out / 'views.png'}, turntable: {out / 'turntable.gif'})")
     return 0
+
+
+def write_glbs(model, files) -> list[Path]:
+    """One skinned GLB per ``(path, textures [N, 4, T, T], pose [24, 3])`` of an LSV model: its rest
+    shells (zero pose, so no pose blend shapes), skin weights and skeleton, posed by ``pose``."""
+    import torch
+
+    from zoo.data.humans_io import write_skinned_glb
+    from zoo.models.lsv import SMPL_JOINTS
+
+    body = model.body
+    with torch.no_grad():
+        rest = model.pose(torch.zeros(1, 24, 3, device=model.device))["rest"][0].cpu().numpy()
+        rest_joints = body.rest(None)[1][0].cpu().numpy()
+    mesh = (body.faces.cpu().numpy(), model.uv.cpu().numpy(), model.uv_faces.cpu().numpy())
+    weights = model.shells.skin_weights.cpu().numpy()
+    return [write_skinned_glb(path, rest, *mesh, textures.detach().cpu().numpy(), weights, rest_joints, body.parents,
+                              SMPL_JOINTS, pose.detach().cpu().numpy()) for path, textures, pose in files]
