@@ -3,20 +3,23 @@ from __future__ import annotations
 
 import functools
 import http.server
+import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 
 @pytest.fixture(autouse=True)
-def zoo_home(tmp_path_factory, monkeypatch) -> Path:
+def zoo_home(tmp_path_factory, monkeypatch) -> Iterator[Path]:
     """Every test gets its own empty $ZOO_HOME and starts online."""
     home = tmp_path_factory.mktemp("zoo_home")
     monkeypatch.setenv("ZOO_HOME", str(home))
     monkeypatch.delenv("ZOO_OFFLINE", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    return home
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):
