@@ -139,8 +139,9 @@ def test_zoo_sample_refuses_bad_requests_and_writes_nothing(tmp_path, args, matc
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((23, 3), dtype=np.float32))
     args = [str(bad) if a == "WRONG_SHAPE" else str(tmp_path / "nope.npy") if a == "BAD" else a for a in args]
-    extra = [] if match == "--random" else ["--random"]
-    r = run_zoo("sample", "lsv_mannequin", *extra, *args, "--out", str(tmp_path / "out"))
+    # lsv_smpl has no weights: without --random it is refused (lsv_mannequin ships trained ones)
+    name, extra = ("lsv_smpl", []) if match == "--random" else ("lsv_mannequin", ["--random"])
+    r = run_zoo("sample", name, *extra, *args, "--out", str(tmp_path / "out"))
     assert r.returncode == 2 and re.search(match, r.stderr), r.stderr
     assert not (tmp_path / "out").exists()
 

@@ -1,12 +1,16 @@
 """Layered surface volumes (LSV-GAN, arXiv 2307.05462): an articulated body, textured shells
 around it, their renderer and the RGBA texture generator.
 
-Registers ``lsv_mannequin`` (the built-in procedural mannequin, CPU-sized) and ``lsv_smpl``
-(the user's SMPL file; StyleGAN2's 256-pixel generator). Neither has trained weights yet: the
-GAN that learns them is the next step, so sampling needs ``--random``.
+Registers ``lsv_mannequin`` (the built-in procedural mannequin, CPU-sized; weights trained in
+this repo by LSV-GAN on the built-in synthetic humans, ``benchmarks/train_lsv_mannequin.py``) and
+``lsv_smpl`` (the user's SMPL file; StyleGAN2's 256-pixel generator; no weights). A state dict
+holds the texture generator only: the body, shells and UVs are rebuilt from the template.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+from zoo.hub import WeightEntry
 from zoo.registry import InputSpec, ModelCard, Paper, register_model
 
 from .body import SMPL_JOINTS, SMPL_PARENTS, BodyModel, axis_angle_to_matrix, load_smpl
@@ -50,18 +54,35 @@ def build_lsv(body: str = "mannequin", smpl_path: str | None = None, uv_path: st
     return LayeredSurfaceVolumes(template, shells, gen, render_resolution, num_peel_layers)
 
 
+def _from_gan_checkpoint(sd: dict, model) -> dict:
+    """An LSV-GAN training checkpoint (`zoo.train.gan.LSVGAN`: ``G.``, ``D.``, ``G_ema.``): the
+    EMA generator's weights, as StyleGAN2 samples from ``G_ema``."""
+    return {f"generator.{k[len('G_ema.'):]}": v for k, v in sd.items() if k.startswith("G_ema.")}
+
+
+LAYOUTS = {"gan": _from_gan_checkpoint}
+MANNEQUIN_WEIGHTS = Path(__file__).parent / "weights" / "lsv_mannequin_synthetic.safetensors"
+# the shipped file's digest, checked before every load (benchmarks/train_lsv_mannequin.py --install
+# prints the new one to put here)
+MANNEQUIN_SHA256 = "619e3874fee3b8dba114900b43df48316c51729b376cce4b1a8f6779d78404a9"
 MANNEQUIN_CONFIG = {"body": "mannequin", "texture_size": 128, "z_dim": 128, "w_dim": 128, "mapping_layers": 4,
                     "channel_base": 4096, "channel_max": 128, "render_resolution": 128}
 register_model(ModelCard(
     name="lsv_mannequin", family="lsv", task="3d-human-generation", paper=PAPER, builder=build_lsv,
-    config=MANNEQUIN_CONFIG, input=InputSpec("latent", (128,)), license="MIT",
+    config=MANNEQUIN_CONFIG, input=InputSpec("latent", (128,)), license="MIT", layouts=LAYOUTS,
+    weights={"synthetic": WeightEntry(
+        "synthetic", "package:zoo.models.lsv/weights/lsv_mannequin_synthetic.safetensors", format="safetensors",
+        sha256=MANNEQUIN_SHA256, license="MIT", description="LSV-GAN on zoo's synthetic humans "
+                                                           "(benchmarks/train_lsv_mannequin.py)")}
+    if MANNEQUIN_WEIGHTS.is_file() and MANNEQUIN_SHA256 else {},
+    default_tag="synthetic" if MANNEQUIN_WEIGHTS.is_file() and MANNEQUIN_SHA256 else None,
     description="Five RGBA-textured shells on the built-in skinned mannequin, from a small StyleGAN2-style "
-                "texture generator (128-pixel textures); untrained until the LSV-GAN step.",
+                "texture generator (128-pixel textures), trained by LSV-GAN on the built-in synthetic humans.",
 ))
 register_model(ModelCard(
     name="lsv_smpl", family="lsv", task="3d-human-generation", paper=PAPER, builder=build_lsv,
-    config={"body": "smpl"}, input=InputSpec("latent", (512,)),
+    config={"body": "smpl"}, input=InputSpec("latent", (512,)), layouts=LAYOUTS,
     license="MIT (code); SMPL, which you bring, is non-commercial",
     description="Five RGBA-textured shells on your SMPL body (put SMPL_NEUTRAL.pkl in $ZOO_HOME/smpl/), "
-                "StyleGAN2's 256-pixel texture generator; untrained until the LSV-GAN step.",
+                "StyleGAN2's 256-pixel texture generator; no weights: train it with zoo train on your images.",
 ))

@@ -122,17 +122,17 @@ class BodyModel(nn.Module):
             raise ConfigError(f"weights must be [V, {k}] and the joint regressor [{k}, V] (or joints [{k}, 3]) for "
                               f"V = {n}; got {tuple(w.shape)} and {got}")
         self.parents = parents
-        self.register_buffer("v_template", v)
-        self.register_buffer("faces", torch.as_tensor(np.asarray(faces).astype(np.int64)))
-        self.register_buffer("weights", w)
-        self.register_buffer("j_regressor", jr)
-        self.register_buffer("rest_joints", fixed)
+        self.register_buffer("v_template", v, persistent=False)
+        self.register_buffer("faces", torch.as_tensor(np.asarray(faces).astype(np.int64)), persistent=False)
+        self.register_buffer("weights", w, persistent=False)
+        self.register_buffer("j_regressor", jr, persistent=False)
+        self.register_buffer("rest_joints", fixed, persistent=False)
         self.register_buffer("shapedirs", None if shapedirs is None else
-                             torch.as_tensor(np.asarray(shapedirs), dtype=torch.float32))
+                             torch.as_tensor(np.asarray(shapedirs), dtype=torch.float32), persistent=False)
         if posedirs is not None and tuple(np.shape(posedirs)) != (n, 3, 9 * (k - 1)):
             raise ConfigError(f"posedirs must be [V, 3, {9 * (k - 1)}], not {tuple(np.shape(posedirs))}")
         self.register_buffer("posedirs", None if posedirs is None else
-                             torch.as_tensor(np.asarray(posedirs), dtype=torch.float32))
+                             torch.as_tensor(np.asarray(posedirs), dtype=torch.float32), persistent=False)
 
     @property
     def num_betas(self) -> int:

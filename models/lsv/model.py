@@ -166,6 +166,10 @@ class LayeredSurfaceVolumes(nn.Module):
 
     ``render_resolution``: default image size; ``num_peel_layers``: fragments composited per
     pixel (None: all of them on the torch backend, four per shell with nvdiffrast).
+
+    The template's geometry (body, shells, UVs) lives in non-persistent buffers, rebuilt from the
+    template: a state dict holds the texture generator only, so weights trained on SMPL carry
+    none of SMPL's data.
     """
 
     def __init__(self, template: Template, shells: ShellConfig = ShellConfig(),
@@ -178,8 +182,8 @@ class LayeredSurfaceVolumes(nn.Module):
         self.template_name = template.name
         self.shells = Shells(template.body, shells, template.tips)
         self.generator = TextureGenerator(generator)
-        self.register_buffer("uv", template.uv.float())
-        self.register_buffer("uv_faces", template.uv_faces.long())
+        self.register_buffer("uv", template.uv.float(), persistent=False)
+        self.register_buffer("uv_faces", template.uv_faces.long(), persistent=False)
         self.render_resolution, self.num_peel_layers, self.fov = render_resolution, num_peel_layers, fov
         v = template.body.v_template
         lo, hi = v.min(0).values, v.max(0).values

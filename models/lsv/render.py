@@ -35,7 +35,8 @@ import torch
 from zoo.errors import RenderError
 from zoo.render import DepthPeeler, antialias as aa_edges, composite, look_at, perspective, transform
 
-__all__ = ["render_shells", "layer_triangles", "sample_layer_textures", "orbit_cameras"]
+__all__ = ["render_shells", "layer_triangles", "sample_layer_textures", "orbit_cameras", "opencv_to_clip",
+           "orbit_opencv"]
 
 
 def layer_triangles(faces: torch.Tensor, num_layers: int, num_vertices: int) -> torch.Tensor:
@@ -154,3 +155,42 @@ def orbit_cameras(num_views: int, distance: float = 2.6, elevation: float = 0.0,
                                         torch.cos(az) * torch.cos(el)], -1)
     view = look_at(eye, tgt.expand_as(eye), dtype=torch.float64)
     return (perspective(fov, 1.0, near, far, dtype=torch.float64) @ view).to(dtype)
+
+
+# OpenCV's camera axes (x right, y down, z forward) against OpenGL's eye axes (x right, y up, z back)
+_CV_TO_GL = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64))
+
+
+def opencv_to_clip(c2w: torch.Tensor, intrinsics: torch.Tensor, near: float = 0.1, far: float = 10.0) -> torch.Tensor:
+    """World-to-clip ``[..., 4, 4]`` (this renderer's OpenGL convention) for EG3D-style cameras:
+    ``c2w [..., 4, 4]`` camera-to-world in OpenCV's axes and ``intrinsics [..., 3, 3]`` normalised
+    by the image size (principal point from the top-left, ``y`` down). The image this renders has
+    row 0 at the top, where OpenCV's ``v = 0`` is."""
+    dtype = c2w.dtype
+    c2w, k = c2w.double(), intrinsics.double()
+    w2c = torch.linalg.inv(c2w)
+    eye = _CV_TO_GL.to(c2w.device) @ w2c
+    fx, fy, cx, cy, skew = k[..., 0, 0], k[..., 1, 1], k[..., 0, 2], k[..., 1, 2], k[..., 0, 1]
+    proj = torch.zeros(*k.shape[:-2], 4, 4, dtype=torch.float64, device=k.device)
+    # x_ndc = 2u - 1 and y_ndc = 1 - 2v with u = (fx X + s Y) / Z + cx, v = fy Y / Z + cy in OpenCV's
+    # camera (X, Y, Z) = (x, -y, -z) of the eye space, and w = -z
+    proj[..., 0, 0], proj[..., 0, 1], proj[..., 0, 2] = 2 * fx, -2 * skew, 1 - 2 * cx
+    proj[..., 1, 1], proj[..., 1, 2] = 2 * fy, 2 * cy - 1
+    proj[..., 2, 2], proj[..., 2, 3] = (far + near) / (near - far), 2 * far * near / (near - far)
+    proj[..., 3, 2] = -1.0
+    return (proj @ eye).to(dtype)
+
+
+def orbit_opencv(azimuth: torch.Tensor, elevation: torch.Tensor, distance: float, fov: float,
+                 target=(0.0, 0.9, 0.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """EG3D-style cameras looking at ``target`` from ``azimuth``/``elevation`` (radians, ``[M]``;
+    azimuth 0 looks at the body's front from ``+z``): ``c2w [M, 4, 4]`` (OpenCV axes) and
+    normalised ``K [M, 3, 3]`` for a vertical field of view ``fov`` degrees."""
+    az, el = azimuth.double(), elevation.double()
+    tgt = torch.tensor(target, dtype=torch.float64)
+    eye = tgt + distance * torch.stack([torch.sin(az) * torch.cos(el), torch.sin(el), torch.cos(az) * torch.cos(el)], -1)
+    w2c_gl = look_at(eye, tgt.expand_as(eye), dtype=torch.float64)
+    c2w = torch.linalg.inv(_CV_TO_GL @ w2c_gl)
+    f = 0.5 / torch.tan(torch.deg2rad(torch.tensor(fov / 2, dtype=torch.float64)))
+    k = torch.tensor([[f, 0, 0.5], [0, f, 0.5], [0, 0, 1]], dtype=torch.float64).expand(len(az), 3, 3).clone()
+    return c2w.float(), k.float()

@@ -98,11 +98,11 @@ class Shells(nn.Module):
         super().__init__()
         self.body, self.config = body, config.check()
         weights, offset = bone_end_weights(body.parents, tips)
-        self.register_buffer("bone_end_weights", weights)
-        self.register_buffer("bone_end_offset", offset)
+        self.register_buffer("bone_end_weights", weights, persistent=False)
+        self.register_buffer("bone_end_offset", offset, persistent=False)
         with torch.no_grad():
             rest = self.rest_shells(body.v_template[None], body.rest(None)[1])[0]  # [N, V, 3]
-        self.register_buffer("skin_weights", self._idw_weights(rest))  # [N, V, 24]
+        self.register_buffer("skin_weights", self._idw_weights(rest), persistent=False)  # [N, V, 24]
 
     @property
     def num_shells(self) -> int:

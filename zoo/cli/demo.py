@@ -52,9 +52,9 @@ def _cmd_demo(args) -> int:
 
 
 def demo_lsv(out: Path) -> None:
-    """Layered surface volumes: the mannequin in the procedural outfit and two random-texture
-    samples of the untrained lsv_mannequin, each in the rest and the walking pose from four
-    cameras; the outfit also as a skinned GLB."""
+    """Layered surface volumes: the mannequin in the procedural outfit and two samples of
+    lsv_mannequin (its shipped weights; an untrained network where this checkout has none), each
+    in the rest and the walking pose from four cameras; the outfit also as a skinned GLB."""
     import torch
 
     from zoo.cli.sample_humans import write_glbs
@@ -63,10 +63,13 @@ def demo_lsv(out: Path) -> None:
     from zoo.models.lsv.clothing import procedural_outfit
     from zoo.registry import create_model
 
+    from zoo.registry import model_card
+
     start = time.perf_counter()
+    trained = model_card("lsv_mannequin").default_tag is not None
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = create_model("lsv_mannequin").eval()
+        model = create_model("lsv_mannequin", pretrained=trained).eval()
     with torch.no_grad():
         outfit = procedural_outfit(model, size=model.texture_size, seed=0)[None]
         textures = torch.cat([outfit, model(model.noise(2, seed=0))])
@@ -82,7 +85,8 @@ def demo_lsv(out: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     save_png(folder / "outfit_and_samples.png", image_grid(images.numpy()))
     write_glbs(model, [(folder / "outfit_walk.glb", outfit[0], poses[1])])
-    print(f"\nrendered the 5-shell mannequin in the procedural outfit and 2 untrained lsv_mannequin samples, "
+    kind = "trained" if trained else "untrained"
+    print(f"\nrendered the 5-shell mannequin in the procedural outfit and 2 {kind} lsv_mannequin samples, "
           f"rest and walking, 4 views ({ms:.0f} ms): {folder / 'outfit_and_samples.png'}, "
           f"{folder / 'outfit_walk.glb'}")
 

@@ -76,6 +76,12 @@ def _cmd_evaluate(args) -> int:
     from zoo.metrics import compute_all_metrics
     from zoo.tables import format_table
 
+    from zoo.registry import model_card
+
+    if model_card(args.name).task == "3d-human-generation":
+        from zoo.cli.sample_humans import evaluate_humans
+
+        return evaluate_humans(args, _generator(args, ("3d-human-generation",)))
     if args.num < 2:
         raise ConfigError("--num must be at least 2: 1-NNA and coverage compare each cloud with the others, "
                           "so one sample and one reference give a degenerate figure.")
@@ -116,10 +122,16 @@ def register(sub) -> None:
     h.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
     s.set_defaults(func=_cmd_sample, cmd="sample")
 
-    s = sub.add_parser("evaluate", help="MMD/COV/1-NNA (CD, EMD) and JSD of generated clouds against references")
+    s = sub.add_parser("evaluate", help="MMD/COV/1-NNA (CD, EMD) and JSD of generated clouds against references; "
+                                        "FID/KID, silhouette IoU and multi-view consistency of generated humans")
     _sample_args(s)
     s.add_argument("--ref", default="procedural", help="'procedural' (built-in shapes) or a folder/file of .npy clouds")
     s.add_argument("--num", type=int, default=32, help="number of procedural references (and samples)")
     s.add_argument("--ref-seed", type=int, default=1234, help="seed of the procedural references")
     s.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    h = s.add_argument_group("layered-surface humans (lsv_*); --data-dir: a dataset.json folder (default: built-in)")
+    h.add_argument("--features", choices=("small", "inception"), default="small",
+                   help="FID/KID features: zoo's small fixed network, or InceptionV3 from a local file")
+    h.add_argument("--inception", default=None, help="InceptionV3 weights (pt_inception-2015-12-05-6726825d.pth)")
+    h.add_argument("--img-size", type=int, default=64, help="built-in data: image size (default 64)")
     s.set_defaults(func=_cmd_evaluate, cmd="evaluate")

@@ -72,3 +72,58 @@ def write_glbs(model, files) -> list[Path]:
     weights = model.shells.skin_weights.cpu().numpy()
     return [write_skinned_glb(path, rest, *mesh, textures.detach().cpu().numpy(), weights, rest_joints, body.parents,
                               SMPL_JOINTS, pose.detach().cpu().numpy()) for path, textures, pose in files]
+
+
+def evaluate_humans(args, model) -> int:
+    """``zoo evaluate lsv_*``: the generator's samples rendered with the data's poses and cameras
+    against the data's images: FID and KID, silhouette IoU, multi-view consistency."""
+    import torch
+
+    from zoo.data.humans import PosedImageFolder, split_label
+    from zoo.errors import ConfigError
+    from zoo.io import atomic_write_json
+    from zoo.metrics.fid import SmallFeatureNet, fid_kid, inception_features
+    from zoo.models.lsv.consistency import multiview_consistency
+    from zoo.models.lsv.render import opencv_to_clip
+    from zoo.tables import format_table
+    from zoo.train.gan import TensorPosedImages, silhouette_iou, synthetic_humans
+
+    if args.num < 2:
+        raise ConfigError("--num must be at least 2: FID and KID compare two sets of images.")
+    features = inception_features(args.inception) if args.features == "inception" else SmallFeatureNet()
+    model.eval()
+    if args.data_dir:
+        data = PosedImageFolder(args.data_dir)
+        index = torch.randperm(len(data), generator=torch.Generator().manual_seed(args.seed))[:args.num]
+        source = args.data_dir
+    else:
+        rgba, labels = synthetic_humans(model, args.num, args.img_size, seed=args.ref_seed)
+        data, index, source = TensorPosedImages(rgba, labels), torch.arange(args.num), "built-in synthetic humans"
+    if len(index) < 2:
+        raise ConfigError(f"{source} has {len(index)} image(s); FID and KID need at least 2.")
+    labels = data.labels[index]
+    parts = split_label(labels)
+    res = data.resolution
+    bg = torch.ones(3)
+    start = time.perf_counter()
+    with torch.no_grad():
+        textures = model(model.noise(len(index), seed=args.seed))
+        shells = model.pose(parts["pose"], parts["betas"] if model.body.num_betas else None)["shells"]
+        mvp = opencv_to_clip(parts["c2w"], parts["K"])
+        images = model.render(textures, shells, mvp[:, None], res, background=bg)[:, 0]
+        # a second camera 30 degrees round the body's vertical axis through the world origin
+        turn = torch.tensor([[0.866, 0, 0.5, 0], [0, 1, 0, 0], [-0.5, 0, 0.866, 0], [0, 0, 0, 1.0]])
+        mvp_b = opencv_to_clip(turn @ parts["c2w"], parts["K"])
+        mv = multiview_consistency(model, textures, parts["pose"], mvp, mvp_b, res)
+        mv_other = multiview_consistency(model, textures, parts["pose"], mvp, mvp_b, res, mismatched=True)
+    scores = fid_kid(data.images[index], images[..., :3].permute(0, 3, 1, 2), features, seed=args.seed)
+    m = {"fid": scores["fid"], "kid": scores["kid"], "kid_std": scores["kid_std"],
+         "silhouette_iou": silhouette_iou(images[..., 3], data.alpha[index]),
+         "multiview_l1": mv["l1"], "multiview_l1_mismatched": mv_other["l1"]}
+    print(f"{args.name}: {len(index)} samples against {source} at {res} pixels, {args.features} features "
+          f"(KID subsets of {scores['subset_size']}), {time.perf_counter() - start:.1f} s")
+    print(format_table([(k, f"{v:.4g}") for k, v in m.items()], ("metric", "value")))
+    if args.json:
+        atomic_write_json(args.json, {"model": args.name, "num": len(index), "data": source,
+                                      "features": args.features, "metrics": m})
+    return 0

@@ -12,7 +12,7 @@ from pathlib import Path
 from zoo.errors import ConfigError
 
 __all__ = ["add_train_arguments", "add_validate_arguments", "run_train", "run_validate", "parse_train_args",
-           "run_detection_train"]
+           "run_detection_train", "run_gan_train"]
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
@@ -63,6 +63,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hflip", type=float, default=0.5)
     g.add_argument("--color-jitter", type=float, default=0.4)
     g.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0))
+    g = p.add_argument_group("GAN (3D human generation: zoo.train.gan)")
+    g.add_argument("--g-lr", type=float, default=0.0025, help="generator Adam lr")
+    g.add_argument("--d-lr", type=float, default=0.002, help="discriminator Adam lr (before the lazy-R1 ratio)")
+    g.add_argument("--r1-gamma", type=float, default=None, help="R1 weight (default: 0.0002 * img_size^2 / batch)")
+    g.add_argument("--d-reg-interval", type=int, default=16, help="R1 on every Nth discriminator step")
+    g.add_argument("--ema-kimg", type=float, default=10.0, help="generator EMA half-life in thousands of images")
+    g.add_argument("--ema-rampup", type=float, default=0.05, help="EMA ramp-up ratio (0: none)")
+    g.add_argument("--style-mixing", type=float, default=0.9)
+    g.add_argument("--blur-sigma", type=float, default=10.0, help="discriminator input blur at the start (pixels)")
+    g.add_argument("--blur-fade-kimg", type=float, default=200.0, help="thousands of images to fade the blur out")
+    g.add_argument("--num-images", type=int, default=256, help="built-in data (no --data-dir): how many images")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--output", default="output/train")
@@ -86,13 +97,25 @@ def parse_train_args(argv: list[str] | None = None) -> argparse.Namespace:
     return _apply_config(p, argv)
 
 
-def _is_detector(name: str) -> bool:
+def _task_of(name: str) -> str:
     from zoo.registry import model_card
 
     try:
-        return bool(name) and model_card(name).task == "3d-detection"
+        return model_card(name).task if name else ""
     except Exception:  # noqa: BLE001  (an unknown name is reported later, with suggestions)
-        return False
+        return ""
+
+
+def _is_detector(name: str) -> bool:
+    return _task_of(name) == "3d-detection"
+
+
+def _is_gan(name: str) -> bool:
+    return _task_of(name) == "3d-human-generation"
+
+
+# a GAN's step size is --g-lr / --d-lr and it keeps a constant rate, as StyleGAN2 does
+GAN_DEFAULTS = {"batch_size": 8, "sched": "none", "img_size": 64, "workers": 0, "weight_decay": 0.0}
 
 
 def _apply_config(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
@@ -105,6 +128,8 @@ def _apply_config(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
         cfg_model = loaded.get("model", "") if isinstance(loaded, dict) else ""
     if _is_detector(first.model or cfg_model):
         p.set_defaults(**DETECTION_DEFAULTS)
+    if _is_gan(first.model or cfg_model):
+        p.set_defaults(**GAN_DEFAULTS)
     if first.config:
         path = Path(first.config)
         if not path.is_file():
@@ -130,6 +155,8 @@ def run_train(args: argparse.Namespace, callbacks=None) -> dict:
         raise ConfigError("--model is required (zoo list shows the names).")
     if _is_detector(args.model):
         return run_detection_train(args, callbacks)
+    if _is_gan(args.model):
+        return run_gan_train(args, callbacks)
     if not args.data_dir:
         raise ConfigError("--data-dir is required: a folder with train/ and val/ class folders.")
     env = setup_distributed(args.device)
@@ -165,6 +192,24 @@ def run_detection_train(args: argparse.Namespace, callbacks=None) -> dict:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def run_gan_train(args: argparse.Namespace, callbacks=None) -> dict:
+    """Train a registered 3D human generator as LSV-GAN (`zoo.train.gan`) on a ``dataset.json``
+    folder, or on the built-in synthetic humans without ``--data-dir``."""
+    from zoo.train.engine import Engine, TrainConfig, setup_distributed
+    from zoo.train.gan import GANConfig, LSVGANTask
+
+    env = setup_distributed(args.device)
+    gcfg = GANConfig(model=args.model, resolution=args.img_size, data_dir=args.data_dir, num_images=args.num_images,
+                     batch_size=args.batch_size, g_lr=args.g_lr, d_lr=args.d_lr, r1_gamma=args.r1_gamma,
+                     d_reg_interval=args.d_reg_interval, ema_kimg=args.ema_kimg,
+                     ema_rampup=args.ema_rampup or None, style_mixing=args.style_mixing,
+                     blur_sigma=args.blur_sigma, blur_fade_kimg=args.blur_fade_kimg, seed=args.seed)
+    tcfg = TrainConfig(**{k: getattr(args, k) for k in TrainConfig.__dataclass_fields__ if hasattr(args, k)})
+    task = LSVGANTask(gcfg, env)
+    record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k != "func"}
+    return Engine(task, tcfg, args_record=record, env=env, callbacks=callbacks).fit()
 
 
 def add_validate_arguments(p: argparse.ArgumentParser) -> None:

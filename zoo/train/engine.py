@@ -17,6 +17,13 @@ per update), EMA (`ModelEmaV3`), `AverageMeter`, `update_summary`. It also owns:
   continues with the next epoch: the result equals an uninterrupted run's.
 - **Output**: ``args.yaml`` and ``summary.csv`` (timm's columns) in the run folder; a
   progress bar on a terminal, plain log lines every ``log_interval`` steps otherwise.
+- **Tasks that step themselves** (a GAN: `MultiOptimizerTask`). A task with
+  ``configure_optimizers`` owns several optimizers and does its own backward passes and
+  steps; the engine gives each optimizer a scheduler of the configured kind, averages the
+  named losses the step returns, checkpoints every optimizer and scheduler and the task's
+  own counters (``task_state``), and after each epoch hands the task the run's history so it
+  can draw its figures. Anything such a task must keep across a resume lives in its model's
+  state dict (its EMA copy, as a submodule) or in ``task_state``.
 """
 from __future__ import annotations
 
@@ -39,8 +46,8 @@ import torch.nn as nn
 from zoo.errors import ConfigError, WeightsError
 from zoo.io import atomic_write
 
-__all__ = ["Engine", "Task", "TrainConfig", "Dist", "setup_distributed", "rng_state", "set_rng_state",
-           "epoch_loader"]
+__all__ = ["Engine", "Task", "MultiOptimizerTask", "TrainConfig", "Dist", "setup_distributed", "rng_state",
+           "set_rng_state", "epoch_loader"]
 
 log = logging.getLogger("zoo.train")
 
@@ -131,6 +138,22 @@ class Task(Protocol):
         """Extra per-epoch training figures (e.g. skipped files), reset after each call."""
 
 
+class MultiOptimizerTask(Task, Protocol):
+    """A `Task` that owns several optimizers and steps them itself (alternating G and D, say).
+
+    ``train_step(model, batch, optimizers, step)`` runs its backward passes and optimizer
+    steps and returns ``({name: float}, sample count)``; ``step`` counts the engine's calls
+    from the start of the run, resumes included.
+    """
+
+    def configure_optimizers(self, model: nn.Module, lr: float) -> dict[str, torch.optim.Optimizer]: ...
+    def state_dict(self) -> dict:
+        """Counters the step keeps (tensors and plain values), saved in every checkpoint."""
+    def load_state_dict(self, state: dict) -> None: ...
+    def epoch_figures(self, model: nn.Module, epoch: int, out_dir: Path, history: list[dict]) -> None:
+        """Draw this epoch's pictures into ``out_dir`` (rank 0 only); ``history``: one dict per epoch."""
+
+
 @dataclass
 class TrainConfig:
     """The engine's settings (timm's flag names)."""
@@ -207,12 +230,18 @@ class Engine:
     # --- checkpoints --------------------------------------------------------------------------
 
     def _checkpoint(self, epoch: int, metric: float | None, rngs: list) -> dict:
+        if self.multi:  # one entry per named optimizer
+            optim = {k: o.state_dict() for k, o in self.optimizers.items()}
+            sched = {k: sc.state_dict() for k, sc in self.schedulers.items() if sc is not None}
+        else:
+            optim, sched = self.optimizer.state_dict(), self.scheduler.state_dict()
         ckpt = {
             "epoch": epoch,
             "arch": self.task.arch,
             "state_dict": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "optimizer": optim,
+            "scheduler": sched,
+            "history": self.history,
             "version": 2,
             "args": self.args_record,
             "metric": metric,
@@ -223,6 +252,8 @@ class Engine:
             ckpt["state_dict_ema"] = self.ema.module.state_dict()
         if self.scaler is not None:
             ckpt["scaler"] = self.scaler.state_dict()
+        if self.multi:
+            ckpt["task_state"] = self.task.state_dict()
         return ckpt
 
     def _save(self, ckpt: dict, name: str) -> None:
@@ -243,9 +274,21 @@ class Engine:
         if ckpt.get("arch") not in (None, self.task.arch):
             raise WeightsError(f"--resume {path} is a {ckpt['arch']} checkpoint, not {self.task.arch}.")
         self.model.load_state_dict(ckpt["state_dict"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if "scheduler" in ckpt:
-            self.scheduler.load_state_dict(ckpt["scheduler"])
+        if self.multi:
+            if set(ckpt["optimizer"]) != set(self.optimizers) or "task_state" not in ckpt:
+                raise WeightsError(f"--resume {path} holds optimizers {sorted(ckpt['optimizer'])}, this task has "
+                                   f"{sorted(self.optimizers)}: it is not a checkpoint of this training.")
+            for k, o in self.optimizers.items():
+                o.load_state_dict(ckpt["optimizer"][k])
+            for k, sc in self.schedulers.items():
+                if sc is not None and k in ckpt.get("scheduler", {}):
+                    sc.load_state_dict(ckpt["scheduler"][k])
+            self.task.load_state_dict(ckpt["task_state"])
+        else:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if "scheduler" in ckpt:
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.history = list(ckpt.get("history") or [])
         if self.ema is not None and "state_dict_ema" in ckpt:
             self.ema.module.load_state_dict(ckpt["state_dict_ema"])
         if self.scaler is not None and "scaler" in ckpt:
@@ -269,16 +312,31 @@ class Engine:
         c, env = self.cfg, self.env
         if c.grad_accum_steps < 1 or c.batch_size < 1 or c.epochs < 1:
             raise ConfigError("--epochs, --batch-size and --grad-accum-steps must be at least 1.")
+        self.multi = hasattr(self.task, "configure_optimizers")
+        if self.multi and (c.grad_accum_steps != 1 or c.model_ema or (c.amp and env.device.type == "cuda")):
+            raise ConfigError(f"{self.task.arch} steps its own optimizers: it takes no --grad-accum-steps, "
+                              "--model-ema (it keeps its own EMA) or CUDA --amp.")
         self._seed()
         model = self.task.build_model().to(env.device)
         self.model = model
         self.lr = self._resolve_lr()
-        self.optimizer = create_optimizer_v2(model, opt=c.opt, lr=self.lr, weight_decay=c.weight_decay,
-                                             momentum=c.momentum)
         updates_per_epoch = math.ceil(len(self.task.train_loader(0)) / c.grad_accum_steps)
-        self.scheduler, self.num_epochs = create_scheduler_v2(
-            self.optimizer, sched=c.sched, num_epochs=c.epochs, warmup_epochs=c.warmup_epochs,
-            warmup_lr=c.warmup_lr, min_lr=c.min_lr, updates_per_epoch=updates_per_epoch)
+
+        def schedule(optimizer):
+            return create_scheduler_v2(optimizer, sched=c.sched, num_epochs=c.epochs, warmup_epochs=c.warmup_epochs,
+                                       warmup_lr=c.warmup_lr, min_lr=c.min_lr, updates_per_epoch=updates_per_epoch)
+
+        if self.multi:
+            self.optimizers = self.task.configure_optimizers(model, self.lr)
+            self.schedulers = {}
+            for k, o in self.optimizers.items():
+                self.schedulers[k], self.num_epochs = schedule(o)
+            self.optimizer = next(iter(self.optimizers.values()))  # the one whose lr the summary reports
+        else:
+            self.optimizer = create_optimizer_v2(model, opt=c.opt, lr=self.lr, weight_decay=c.weight_decay,
+                                                 momentum=c.momentum)
+            self.scheduler, self.num_epochs = schedule(self.optimizer)
+        self.history: list[dict] = []
         self.ema = ModelEmaV3(model, decay=c.model_ema_decay) if c.model_ema else None
         use_cuda_amp = c.amp and env.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_cuda_amp else None
@@ -291,8 +349,10 @@ class Engine:
             with atomic_write(self.out_dir / "args.yaml", "w") as f:
                 yaml.safe_dump(self.args_record, f, sort_keys=True)
         self.ddp = nn.parallel.DistributedDataParallel(model) if env.distributed else model
+        lrs = (", ".join(f"{k} lr {o.param_groups[0]['lr']:.3g}" for k, o in self.optimizers.items()) if self.multi
+               else f"lr {self.lr:.3g}")
         self._log(f"{self.task.arch}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-                  f"lr {self.lr:.3g}, {self.num_epochs} epochs, {env.world_size} process(es) on {env.device}, "
+                  f"{lrs}, {self.num_epochs} epochs, {env.world_size} process(es) on {env.device}, "
                   f"output {self.out_dir}")
 
         for epoch in range(start_epoch, self.num_epochs):
@@ -306,7 +366,9 @@ class Engine:
             # scheduler step, as timm's train.py writes it to summary.csv
             groups = self.optimizer.param_groups
             epoch_lr = sum(g["lr"] for g in groups) / len(groups)
-            self.scheduler.step(epoch + 1, metric)
+            for sched in self.schedulers.values() if self.multi else [self.scheduler]:
+                if sched is not None:
+                    sched.step(epoch + 1, metric)
             improved = self.best is None or (
                 metric > self.best[self.task.eval_metric] if self.task.higher_is_better
                 else metric < self.best[self.task.eval_metric])
@@ -314,6 +376,9 @@ class Engine:
                 self.best = {"epoch": epoch, **eval_metrics}
             figures = {**{f"train_{k}": v for k, v in train_metrics.items()}, **{f"eval_{k}": v for k, v in eval_metrics.items()}}
             self._log(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4g}" for k, v in figures.items()))
+            self.history.append({"epoch": epoch, **figures})
+            if self.multi and env.is_main:
+                self.task.epoch_figures(model, epoch, self.out_dir, self.history)
             rngs = self._gather(rng_state())
             if env.is_main:
                 from timm.utils import update_summary
@@ -333,6 +398,8 @@ class Engine:
         return self.best
 
     def _train_one_epoch(self, epoch: int, updates_per_epoch: int) -> dict:
+        if self.multi:
+            return self._train_one_epoch_multi(epoch, updates_per_epoch)
         from timm.utils import AverageMeter
 
         c, env = self.cfg, self.env
@@ -385,6 +452,41 @@ class Engine:
         if bar is not None:
             bar.close()
         metrics = {"loss": self._mean_across_ranks(loss_meter.avg), "seconds": time.perf_counter() - start}
+        metrics.update(self.task.epoch_notes())
+        return metrics
+
+    def _train_one_epoch_multi(self, epoch: int, updates_per_epoch: int) -> dict:
+        """The loop for a task that steps its own optimizers: it returns named losses per batch."""
+        from timm.utils import AverageMeter
+
+        self.model.train()
+        loader = self.task.train_loader(epoch)
+        meters: dict[str, AverageMeter] = {}
+        step = epoch * updates_per_epoch
+        bar = self._progress(len(loader), f"epoch {epoch}")
+        start = time.perf_counter()
+        for i, batch in enumerate(loader):
+            with self._autocast():
+                values, n = self.task.train_step(self.ddp, batch, self.optimizers, step)
+            bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+            if bad:
+                raise FloatingPointError(f"{bad} at epoch {epoch} step {i}; lower --lr.")
+            for k, v in values.items():
+                meters.setdefault(k, AverageMeter()).update(v, n)
+            step += 1
+            for sched in self.schedulers.values():
+                if sched is not None:
+                    sched.step_update(num_updates=step)
+            line = ", ".join(f"{k} {m.avg:.4f}" for k, m in meters.items())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(line)
+            elif self.cfg.log_interval and ((i + 1) % self.cfg.log_interval == 0 or i + 1 == len(loader)):
+                self._log(f"epoch {epoch} [{i + 1}/{len(loader)}] {line}")
+        if bar is not None:
+            bar.close()
+        metrics = {k: self._mean_across_ranks(m.avg) for k, m in meters.items()}
+        metrics["seconds"] = time.perf_counter() - start
         metrics.update(self.task.epoch_notes())
         return metrics
 
