@@ -7,7 +7,6 @@ Writes docs/results/lsv_gan_speed_<device>.md."""
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zoo.io import atomic_write
+from zoo.tables import results_file
 from zoo.train.engine import setup_distributed
 from zoo.train.gan import GANConfig, LSVGANTask, blur_images
 
@@ -90,20 +89,15 @@ def main() -> None:
     name = f"{dev.type}" + ("" if dev.type == "cuda" else f"{args.threads}t")
     rows = [f"| {k} | {med[k] * 1e3:.0f} | {100 * med[k] / max(med['generator'] + med['render'] + med['discriminator'], 1e-9):.0f}% |"
             for k in ("generator", "render", "discriminator")]
-    text = "\n".join([
-        f"# LSV-GAN training speed ({name})", "",
-        f"`python benchmarks/lsv_gan_speed.py --device {args.device} --threads {args.threads}`: lsv_mannequin, "
-        f"{args.resolution}-pixel images, batch {b}, median of {args.steps} steps; "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}.", "",
+    body = "\n".join([
+        f"lsv_mannequin, {args.resolution}-pixel images, batch {b}, median of {args.steps} steps.", "",
         "| part (forward + backward, one batch) | ms | share |", "|---|---|---|", *rows, "",
         "| step | ms | images/s |", "|---|---|---|",
         f"| LSV-GAN step (G, D, R1 when due, EMA) | {med['step'] * 1e3:.0f} | {b / med['step']:.1f} |",
         f"| same G and D, textures resized instead of rendered | {med['step_2d'] * 1e3:.0f} | {b / med['step_2d']:.1f} |",
-        f"| ratio (render-free / LSV-GAN) | {med['step_2d'] / med['step']:.2f} | |", ""])
-    out = ROOT / "docs" / "results" / f"lsv_gan_speed_{name}.md"
-    with atomic_write(out, "w") as f:
-        f.write(text)
-    print(text)
+        f"| ratio (render-free / LSV-GAN) | {med['step_2d'] / med['step']:.2f} | |"])
+    with results_file(ROOT / "docs" / "results" / f"lsv_gan_speed_{name}.md", f"LSV-GAN training speed ({name})"):
+        print(body)
 
 
 if __name__ == "__main__":

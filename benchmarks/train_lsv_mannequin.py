@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 import zoo
 from zoo.io import atomic_write, sha256_file
+from zoo.tables import results_file
 from zoo.train.engine import Engine, TrainConfig, setup_distributed
 from zoo.train.gan import GANConfig, LSVGANTask
 
@@ -108,23 +108,19 @@ def main() -> None:
         f.write(save(half, metadata={"model": "lsv_mannequin", "data": "zoo synthetic humans",
                                      "kimg": f"{task.seen / 1000:.1f}"}))
     rows = [f"| {k} | {before[k]:.4g} | {after[k]:.4g} |" for k in before]
-    text = "\n".join([
-        "# LSV-GAN on the built-in synthetic humans (CPU)", "",
-        f"`python benchmarks/train_lsv_mannequin.py` ({'quick' if q else 'full'}): lsv_mannequin, "
-        f"{cfg.resolution}-pixel images, {len(task.data)} training images, batch {cfg.batch_size}, "
+    body = "\n".join([
+        f"lsv_mannequin, {cfg.resolution}-pixel images, {len(task.data)} training images, batch {cfg.batch_size}, "
         f"{tc.epochs} epochs ({task.seen / 1000:.1f} kimg), "
-        f"{f'{minutes:.0f} min' if minutes == minutes else 'measured from its last checkpoint'} on "
-        f"{torch.get_num_threads()} threads "
-        f"({platform.processor() or platform.machine()}), torch {torch.__version__}.", "",
-        f"Figures on {len(task.eval_index)} of the training labels (GAN practice: the data distribution itself); FID and KID on zoo's small feature network (they compare "
-        "runs of this project, not published numbers). Initial: the generator before training.", "",
+        f"{f'{minutes:.0f} min of training' if minutes == minutes else 'measured from its last checkpoint'}.", "",
+        f"Figures on {len(task.eval_index)} of the training labels (GAN practice: the data distribution itself); "
+        "FID and KID on zoo's small feature network (they compare runs of this project, not published numbers). "
+        "Initial: the generator before training.", "",
         "| figure | initial | trained (EMA) |", "|---|---|---|", *rows, "",
         "Curves: `curves.png` in the run folder; sample grids `samples_epochNNN.png` (top rows data, bottom rows "
-        "the EMA generator in the same poses and cameras).", ""])
+        "the EMA generator in the same poses and cameras)."])
     results = ROOT / "docs" / "results" / ("lsv_gan_cpu_quick.md" if q else "lsv_gan_cpu.md")
-    with atomic_write(results, "w") as f:
-        f.write(text)
-    print(text)
+    with results_file(results, "LSV-GAN on the built-in synthetic humans (CPU)"):
+        print(body)
     print(json.dumps({"before": before, "after": after}, indent=1))
     print(f"weights: {dest} (sha256 {sha256_file(dest)})")
     if args.install:

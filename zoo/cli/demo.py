@@ -61,9 +61,7 @@ def demo_lsv(out: Path) -> None:
     from zoo.data.humans_io import image_grid, save_png
     from zoo.models.lsv import standard_pose
     from zoo.models.lsv.clothing import procedural_outfit
-    from zoo.registry import create_model
-
-    from zoo.registry import model_card
+    from zoo.registry import create_model, model_card
 
     start = time.perf_counter()
     trained = model_card("lsv_mannequin").default_tag is not None

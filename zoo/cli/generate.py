@@ -74,9 +74,8 @@ def _cmd_evaluate(args) -> int:
     from zoo.errors import ConfigError, DataError
     from zoo.io import atomic_write_json
     from zoo.metrics import compute_all_metrics
-    from zoo.tables import format_table
-
     from zoo.registry import model_card
+    from zoo.tables import format_table
 
     if model_card(args.name).task == "3d-human-generation":
         from zoo.cli.sample_humans import evaluate_humans

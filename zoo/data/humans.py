@@ -110,8 +110,8 @@ class PosedImageFolder(Dataset):
                                 f"the first ({size[0]}x{size[1]}).")
             imgs.append(torch.from_numpy(np.asarray(im).copy()))
         if resolution is not None and size[0] != resolution:
-            raise DataError(f"{root} holds {size[0]}-pixel images; this model trains on {resolution} "
-                            "(resize the folder or build the model with that render_resolution).")
+            raise DataError(f"{root} holds {size[0]}-pixel images, not {resolution}: pass --img-size {size[0]} "
+                            "(a power of two) or resize the folder.")
         rgba = torch.stack(imgs).permute(0, 3, 1, 2).float() / 255  # [M, 4, H, W]
         if channels == 3:
             bg = torch.tensor(background, dtype=torch.float32)[None, :, None, None]
