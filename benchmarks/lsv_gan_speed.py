@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from zoo.tables import results_file
 from zoo.train.engine import setup_distributed
-from zoo.train.gan import GANConfig, LSVGANTask, blur_images
+from zoo.train.gan import GANConfig, LSVGANTask
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +72,7 @@ def main() -> None:
         def step_2d():  # the same G and D, textures resized in place of the render
             t = gen(z)
             f2 = F.interpolate(t[:, -3, :3], size=(args.resolution,) * 2, mode="bilinear", align_corners=False)
-            loss = F.softplus(-D(blur_images(f2, 0), labels)).mean()
+            loss = F.softplus(-D(f2, labels)).mean()
             loss.backward()
             d = F.softplus(D(f2.detach(), labels)).mean() + F.softplus(-D(real, labels)).mean()
             d.backward()

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from zoo.errors import DataError
 from zoo.io import atomic_write
 
-__all__ = ["PosedImageFolder", "write_posed_dataset", "split_label", "check_label", "LABEL_DIM"]
+__all__ = ["PosedImageFolder", "write_posed_dataset", "split_label", "check_label", "composite_over", "LABEL_DIM"]
 
 LABEL_DIM = 107
 _SLICES = {"c2w": slice(0, 16), "K": slice(16, 25), "pose": slice(25, 97), "betas": slice(97, 107)}
@@ -65,6 +65,12 @@ def check_label(values, where: str, tol: float = 1e-4) -> np.ndarray:
         raise DataError(f"{where}: the intrinsics must be [[fx, s, cx], [0, fy, cy], [0, 0, 1]] with fx, fy > 0, "
                         "normalised by the image size.")
     return a
+
+
+def composite_over(rgba: torch.Tensor, background) -> torch.Tensor:
+    """Straight RGBA ``[M, 4, H, W]`` over an RGB ``background`` in ``[0, 1]``: ``[M, 3, H, W]``."""
+    bg = torch.tensor(background, dtype=rgba.dtype)[None, :, None, None]
+    return rgba[:, :3] * rgba[:, 3:] + bg * (1 - rgba[:, 3:])
 
 
 class PosedImageFolder(Dataset):
@@ -114,8 +120,7 @@ class PosedImageFolder(Dataset):
                             "(a power of two) or resize the folder.")
         rgba = torch.stack(imgs).permute(0, 3, 1, 2).float() / 255  # [M, 4, H, W]
         if channels == 3:
-            bg = torch.tensor(background, dtype=torch.float32)[None, :, None, None]
-            self.images = rgba[:, :3] * rgba[:, 3:] + bg * (1 - rgba[:, 3:])
+            self.images = composite_over(rgba, background)
         elif channels == 4:
             self.images = rgba
         else:

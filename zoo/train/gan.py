@@ -41,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from zoo.data.charts import line_chart
-from zoo.data.humans import PosedImageFolder, split_label
+from zoo.data.humans import PosedImageFolder, composite_over, split_label
 from zoo.data.humans_io import image_grid, save_png
 from zoo.errors import ConfigError
 from zoo.metrics.fid import SmallFeatureNet, fid_kid
@@ -133,8 +133,7 @@ class TensorPosedImages(torch.utils.data.Dataset):
 
     def __init__(self, rgba: torch.Tensor, labels: torch.Tensor, background=(1.0, 1.0, 1.0)):
         rgba = rgba.permute(0, 3, 1, 2)
-        bg = torch.tensor(background, dtype=torch.float32)[None, :, None, None]
-        self.images = rgba[:, :3] * rgba[:, 3:] + bg * (1 - rgba[:, 3:])
+        self.images = composite_over(rgba, background)
         self.alpha, self.labels, self.resolution = rgba[:, 3], labels.float(), rgba.shape[-1]
 
     def __len__(self) -> int:
