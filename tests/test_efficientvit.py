@@ -276,7 +276,8 @@ def test_timm_interface_and_timm_training_parts_work_unchanged():
     assert torch.equal(model(x), model(x))
 
 
-@pytest.mark.parametrize("exporter,opset", [("torchscript", 17), ("dynamo", 18)])
+# dynamo with a dynamic batch is also what `zoo export` runs in test_cli; here it is slow-only
+@pytest.mark.parametrize("exporter,opset", [("torchscript", 17), pytest.param("dynamo", 18, marks=pytest.mark.slow)])
 def test_onnx_export_both_exporters_dynamic_batch(exporter, opset, tmp_path):
     model = randomize_(zoo.create_model("efficientvit_m0"))
     report = zoo.export.to_onnx(model, tmp_path / "m0.onnx", exporter=exporter, opset=opset, verbose=False)

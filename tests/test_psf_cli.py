@@ -118,6 +118,7 @@ def test_shipped_psf_tiny_weights_generate_shapes_not_noise(tmp_path, capsys):
     assert nearest(clouds) < 0.5 * nearest(blobs)
 
 
+@pytest.mark.slow  # the dynamic-batch export runs by default (test_psf_export)
 def test_export_psf_with_a_fixed_batch(tiny_ckpt, tmp_path):
     """`--batch-size` on a point model means ``(B, N, 3)``, not an image's ``(C, H, W)``."""
     path, _ = tiny_ckpt

@@ -75,6 +75,7 @@ def test_psf_export_shapes(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fixed.onnx"]
 
 
+@pytest.mark.slow  # about 40 s of conversion; the ONNX export above runs by default
 def test_psf_converts_to_coreml(tmp_path):
     """Guards the three fixes CoreML needed: no ``alias`` op (detach), GroupNorm on voxel grids
     at rank <= 5, and integer FPS indices. CoreML cannot run off macOS: structure only."""
