@@ -69,6 +69,7 @@ def main() -> None:
     p.add_argument("--install", action="store_true")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--from-checkpoint", default="", help="skip training: measure and export this run's last.pth.tar")
+    p.add_argument("--resume", default="", help="continue a run from its last.pth.tar to --epochs")
     args = p.parse_args()
     torch.set_num_threads(2)
     q = args.quick
@@ -78,7 +79,7 @@ def main() -> None:
     env = setup_distributed("cpu")
     task = LSVGANTask(cfg, env)
     tc = TrainConfig(epochs=1 if q else args.epochs, sched="none", output=args.out, experiment="gan",
-                     log_interval=16)
+                     log_interval=16, resume=args.resume)
     engine = Engine(task, tc, env=env)
     start = time.perf_counter()
     torch.manual_seed(tc.seed)  # the engine's seed: gan0 is the run's initial generator
