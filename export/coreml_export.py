@@ -318,7 +318,7 @@ def _structural_report(ct, spec, target, path, ref, precision, image_input, labe
             for o in op.outputs:
                 compute[MIL_pb2.DataType.Name(o.type.tensorType.dataType)] += 1
     expected_dtype = "FLOAT16" if precision == "fp16" else "FLOAT32"
-    if not compute or set(compute) != {expected_dtype}:
+    if set(compute) - {expected_dtype}:  # a pure layout change (a reshape block) has no compute op at all
         problems.append(f"compute ops produce {dict(compute)}, expected all {expected_dtype}")
     if problems:
         raise ExportError(f"the CoreML package for {target.name} fails its structural checks: " + "; ".join(problems))

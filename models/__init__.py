@@ -7,6 +7,7 @@ if __name__ != "zoo.models":  # the folder is importable from the repo root; one
                       "second copy of every module in it; import zoo.models instead.")
 
 from zoo.models import efficientformer  # noqa: F401  (registers efficientformer_l1/l3/l7)
+from zoo.models import efficientformer_supernet  # noqa: F401  (registers efficientformer_supernet)
 from zoo.models import efficientformer_v2  # noqa: F401  (registers efficientformerv2_s0/s1/s2/l)
 from zoo.models import efficientvit  # noqa: F401  (registers efficientvit_m0..m5)
 from zoo.models import pathfusion  # noqa: F401  (registers pathfusion_lidar_kitti/tiny, pathfusion_kitti/tiny)

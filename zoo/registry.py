@@ -28,6 +28,8 @@ __all__ = [
     "Metric",
     "ModelCard",
     "register_model",
+    "register_model_config",
+    "is_model_config",
     "list_models",
     "model_card",
     "create_model",
@@ -310,3 +312,86 @@ def _load_pretrained(model: torch.nn.Module, card: ModelCard, pretrained) -> str
     sd = read_state_dict(path)
     load_weights(model, sd, card.layouts, entry.layout, card.head_keys, origin=f"{card.name}:{entry.tag} ({path})")
     return entry.tag
+
+
+# ------------------------------------------------------------------------------------------
+# Model-config files: an architecture derived from a registered model (a slimmed backbone)
+
+_FROM_CONFIG: dict[str, str] = {}  # name -> the file it was registered from
+
+
+def is_model_config(path: str | Path) -> bool:
+    """Whether `path` is a zoo model-config file (a mapping with ``name`` and ``base``), as
+    `zoo slim` writes; a detector's architecture YAML is not one."""
+    import yaml
+
+    try:
+        obj = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return isinstance(obj, dict) and "name" in obj and "base" in obj
+
+
+def register_model_config(path: str | Path) -> str:
+    """Register the architecture of a model-config file and return its name.
+
+    The file (YAML or JSON) holds ``name``, ``base`` (a registered model: builder, input,
+    key layouts and family come from it), ``config`` (builder arguments replacing the base's),
+    and optionally ``weights`` (a safetensors or torch file, relative to the config file: the
+    card's default weights, tag ``config``), ``description`` and ``latency`` (what `zoo slim`
+    predicted and measured, with the latency table's provenance; it becomes the card's
+    metrics). Every command that takes a model name takes ``--model-config FILE`` through this.
+    Registering the same name again from a config file replaces it; a built-in name cannot be
+    reused.
+    """
+    import dataclasses
+
+    import yaml
+
+    path = Path(path)
+    try:
+        obj = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--model-config {path}: no such file.") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--model-config {path} is not YAML or JSON: {e}") from None
+    if not isinstance(obj, dict) or not {"name", "base"} <= set(obj):
+        raise ConfigError(f"--model-config {path} is not a model-config file: it needs 'name' and 'base' "
+                          "(and 'config'); zoo slim writes them.")
+    name, base = str(obj["name"]), model_card(str(obj["base"]))
+    config = dict(obj.get("config") or {})
+    if name in _REGISTRY and name not in _FROM_CONFIG:
+        raise ConfigError(f"--model-config {path}: {name!r} is a built-in model's name; choose another 'name'.")
+    valid = base.accepted_overrides()
+    bad = sorted(set(config) - set(valid))
+    if bad:
+        raise ConfigError(f"--model-config {path}: {base.name} does not take {bad}; its arguments are {valid}.")
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    full = {**base.config, **config}
+    spec = base.input
+    if spec.kind == "image" and "img_size" in full:
+        spec = dataclasses.replace(spec, shape=(spec.shape[0], int(full["img_size"]), int(full["img_size"])))
+    weights, default = {}, None
+    if obj.get("weights"):
+        file = (path.parent / str(obj["weights"])).resolve()
+        if not file.is_file():
+            raise ConfigError(f"--model-config {path} names weights {file}, which does not exist.")
+        fmt = "safetensors" if file.suffix == ".safetensors" else "pytorch"
+        weights = {"config": WeightEntry("config", str(file), format=fmt, description=f"named by {path.name}")}
+        default = "config"
+    metrics = {}
+    lat = obj.get("latency") or {}
+    source = lat.get("table_provenance") or lat.get("backend") or "latency table"
+    for key in ("predicted_ms", "measured_ms", "target_ms"):
+        if isinstance(lat.get(key), (int, float)):
+            metrics[f"latency_{key}"] = Metric(float(lat[key]), "ms", str(source),
+                                               f"zoo slim, table {lat.get('table', '?')}")
+    card = ModelCard(name=name, family=base.family, task=base.task, paper=base.paper, builder=base.builder,
+                     config=full, input=spec, metrics=metrics, weights=weights, default_tag=default,
+                     layouts=base.layouts, head_keys=base.head_keys, feature_out_indices=base.feature_out_indices,
+                     license=base.license,
+                     description=str(obj.get("description") or f"{base.name} with the architecture of {path.name}"))
+    _REGISTRY.pop(name, None)
+    _FROM_CONFIG[name] = str(path)
+    register_model(card)
+    return name

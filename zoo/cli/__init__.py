@@ -19,12 +19,12 @@ __all__ = ["main", "build_parser"]
 
 def build_parser() -> argparse.ArgumentParser:
     from zoo import __version__
-    from zoo.cli import benchmark, demo, detect, export, generate, models, train
+    from zoo.cli import benchmark, demo, detect, export, generate, models, slim, train
 
     p = argparse.ArgumentParser(prog="zoo", description="An efficient vision and 3D generation model zoo.")
     p.add_argument("--version", action="version", version=f"zoo {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (models, demo, export, benchmark, train, generate, detect):
+    for group in (models, demo, export, benchmark, train, generate, detect, slim):
         group.register(sub)
     return p
 

@@ -9,6 +9,9 @@ PEER_LABELS = {"jit": "timm jit.freeze", "compile": "timm compile+freeze", "ort"
 
 
 def _cmd_benchmark(args) -> int:
+    from zoo.cli.models import apply_model_config
+
+    apply_model_config(args, "names")
     from zoo.benchmark import benchmark
     from zoo.io import atomic_write
     from zoo.tables import format_table, human_count
@@ -69,7 +72,8 @@ def _cmd_benchmark(args) -> int:
 
 def register(sub) -> None:
     s = sub.add_parser("benchmark", help="params, MACs, latency and throughput; --compare timm for the ratio")
-    s.add_argument("names", nargs="+", help="model names, family names or patterns")
+    s.add_argument("names", nargs="*", help="model names, family names or patterns")
+    s.add_argument("--model-config", default="", help="a model-config file (zoo slim writes them): benchmark it too")
     s.add_argument("--backend", nargs="+", choices=("torch", "onnxruntime", "cuda"), default=["torch"])
     s.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's setting)")
     s.add_argument("--batch-size", type=int, default=1)

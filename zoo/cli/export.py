@@ -18,6 +18,9 @@ def _cmd_export(args) -> int:
     from zoo.registry import model_card
     from zoo.tables import format_table
 
+    from zoo.cli.models import apply_model_config
+
+    apply_model_config(args)
     card = model_card(args.name)  # unknown names fail before anything is written
     if card.task == "3d-detection":
         return _export_detector(args)
@@ -121,7 +124,8 @@ def _export_detector(args) -> int:
 
 def register(sub) -> None:
     s = sub.add_parser("export", help="export a model to ONNX and/or CoreML, verified, with export-report.json")
-    s.add_argument("name")
+    s.add_argument("name", nargs="?", default="")
+    s.add_argument("--model-config", default="", help="a model-config file (zoo slim writes them); its model")
     s.add_argument("--pretrained", default=None, help="weight tag or local file (default: random init)")
     s.add_argument("--format", nargs="+", choices=("onnx", "coreml"), default=["onnx", "coreml"])
     s.add_argument("--out", required=True, help="output folder; files appear only when every export passed")

@@ -5,6 +5,31 @@ import json
 import sys
 
 
+def apply_model_config(args, attr: str = "name") -> None:
+    """``--model-config FILE`` (a zoo model-config, as `zoo slim` writes): register its
+    architecture and make it the command's model. A detector's architecture YAML is left for
+    its task to read."""
+    from zoo.errors import ConfigError
+    from zoo.registry import is_model_config, register_model_config
+
+    path = getattr(args, "model_config", "")
+    if not path:
+        if not getattr(args, attr):
+            raise ConfigError("name a model (zoo list shows them) or give --model-config FILE.")
+        return
+    if not is_model_config(path):
+        return
+    name = register_model_config(path)
+    given = getattr(args, attr)
+    if isinstance(given, list):
+        setattr(args, attr, [n for n in given if n != name] + [name])
+    elif given and given != name:
+        raise ConfigError(f"--model {given} and --model-config {path} (which describes {name}) disagree; give one.")
+    else:
+        setattr(args, attr, name)
+    args.model_config = ""
+
+
 def _card_with_complexity(name: str) -> dict:
     """The card as data, with params and MACs (computed once, then cached)."""
     from zoo.flops import complexity
@@ -28,6 +53,7 @@ def _cmd_list(args) -> int:
 
 
 def _cmd_info(args) -> int:
+    apply_model_config(args)
     print(json.dumps(_card_with_complexity(args.name), indent=2))
     return 0
 
@@ -57,7 +83,8 @@ def register(sub) -> None:
     s.set_defaults(func=_cmd_list)
 
     s = sub.add_parser("info", help="print a model card as JSON")
-    s.add_argument("name")
+    s.add_argument("name", nargs="?", default="")
+    s.add_argument("--model-config", default="", help="a model-config file (zoo slim writes them)")
     s.set_defaults(func=_cmd_info)
 
     s = sub.add_parser("download", help="fetch a model's weights into the cache; print path and sha256")

@@ -32,7 +32,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--drop-path", type=float, default=None)
     g.add_argument("--distill", default="", help="teacher model for DeiT hard distillation into the distillation head")
     g.add_argument("--distill-pretrained", default=True, help="teacher weights: tag or file (default: its default)")
-    g.add_argument("--model-config", default="", help="a detector's architecture YAML (default: the model's own)")
+    g.add_argument("--model-config", default="",
+                   help="a model-config file (zoo slim writes them; it names the model), or a detector's architecture YAML")
     g.add_argument("--gt-sample", default="Car:20,Pedestrian:15,Cyclist:15",
                    help="3D detection: ground-truth sampling targets CLASS:COUNT,... or 'none'")
     g = p.add_argument_group("optimisation")
@@ -151,6 +152,10 @@ def run_train(args: argparse.Namespace, callbacks=None) -> dict:
     from zoo.train.classification import ClassificationConfig, ClassificationTask
     from zoo.train.engine import Engine, TrainConfig, setup_distributed
 
+    from zoo.cli.models import apply_model_config
+
+    if args.model_config or not args.model:
+        apply_model_config(args, "model")  # a slimmed model's file names the model
     if not args.model:
         raise ConfigError("--model is required (zoo list shows the names).")
     if _is_detector(args.model):
@@ -213,7 +218,8 @@ def run_gan_train(args: argparse.Namespace, callbacks=None) -> dict:
 
 
 def add_validate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", default="")
+    p.add_argument("--model-config", default="", help="a model-config file (zoo slim writes them; it names the model)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint or weights file")
     p.add_argument("--data-dir", "--data", dest="data_dir", required=True)
     p.add_argument("--split", default="val")
@@ -226,6 +232,9 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_validate(args: argparse.Namespace) -> dict:
     """Top-1/top-5 of a checkpoint on ``data_dir/split`` (and of its deploy form with --reparam)."""
+    from zoo.cli.models import apply_model_config
+
+    apply_model_config(args, "model")
     from timm.data import create_transform, resolve_data_config
 
     from zoo.export import reparameterize

@@ -1,0 +1,262 @@
+"""``zoo latency-table`` (build, import, report on, export for a device) and ``zoo slim`` (train
+the supernet, search to a latency target, write the architecture, fine-tune it)."""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from zoo.errors import ConfigError, DataError
+
+__all__ = ["register", "space_from_args", "SUPERNET"]
+
+SUPERNET = "efficientformer_supernet"
+
+
+def space_from_args(args, table=None):
+    """The search space a table covers: from the table's record, else from the flags."""
+    from zoo.slim.space import family_space
+
+    if table is not None and table.provenance.get("space"):
+        return family_space(table.family, **table.provenance["space"])
+    kwargs = {"img_size": args.img_size, "num_classes": args.num_classes}
+    if args.max_widths:
+        kwargs["max_widths"] = tuple(args.max_widths)
+    if args.max_depths:
+        kwargs["max_depths"] = tuple(args.max_depths)
+    return family_space(args.family, **kwargs)
+
+
+def _cmd_latency_table(args) -> int:
+    from zoo.slim.additivity import additivity_report, format_report
+    from zoo.slim.measure import measure_table
+    from zoo.slim.table import LatencyTable
+
+    if args.import_file:
+        if not args.out:
+            raise ConfigError("--import needs --out lut.json.")
+        table = LatencyTable.import_device_file(args.import_file, family=args.family)
+        table.save(args.out)
+        print(f"imported {len(table.entries)} {table.family} blocks ({table.describe()}) -> {args.out}")
+        return 0
+    if args.lut:
+        table = LatencyTable.load(args.lut)
+        out = Path(args.out or args.lut)
+    else:
+        if not args.out:
+            raise ConfigError("give --out lut.json (where the table goes).")
+        space = space_from_args(args)
+        table = measure_table(space, args.backend, args.threads, args.warmup, args.reps, progress=not args.quiet)
+        out = Path(args.out)
+        table.save(out)
+        print(f"measured {len(table.entries)} blocks ({table.describe()}) -> {out}")
+    space = space_from_args(args, table)
+    if args.export_coreml:
+        from zoo.slim.coreml_blocks import export_blocks
+
+        manifest = export_blocks(space, args.export_coreml, networks=args.archs, seed=args.seed,
+                                 progress=not args.quiet)
+        print(f"wrote {manifest}: measure each package on the device and import the results "
+              "(zoo latency-table --import FILE --out lut.json)")
+    if args.report:
+        report = additivity_report(space, table, num_archs=args.archs, seed=args.seed, reps=args.report_reps)
+        print(format_report(report))
+        table.save(out)
+        print(f"calibration a = {report['a']:.4f}, b = {report['b']:.4f} ms stored in {out}")
+        if args.report_json:
+            from zoo.io import atomic_write_json
+
+            atomic_write_json(args.report_json, report)
+    return 0
+
+
+def _supernet_config(space, out: Path, args) -> Path:
+    """The supernet's model-config over exactly the table's space."""
+    import yaml
+
+    from zoo.io import atomic_write
+
+    cfg = {"name": "efficientformer_supernet_slim", "base": SUPERNET,
+           "config": {"img_size": space.img_size, "num_classes": space.num_classes,
+                      "embed_dims": list(space.max_widths), "depths": list(space.max_depths),
+                      "noise": args.noise, "tau_start": args.tau_start, "tau_end": args.tau_end,
+                      "tau_steps": _train_steps(args.data_dir, args.batch_size, args.supernet_epochs)},
+           "description": "the slimming supernet over the latency table's search space"}
+    path = out / "supernet.yaml"
+    with atomic_write(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    return path
+
+
+def _train_steps(data_dir: str, batch_size: int, epochs: int) -> int:
+    """Optimizer steps of a run: the temperature reaches tau_end at the end of the supernet's training."""
+    from zoo.data.images import ImageFolder
+
+    return max(1, math.ceil(len(ImageFolder(data_dir, "train")) / batch_size) * epochs)
+
+
+def _train(argv: list[str]) -> dict:
+    from zoo.cli.train import parse_train_args, run_train
+
+    return run_train(parse_train_args(argv))
+
+
+def _cmd_slim(args) -> int:
+    import torch
+    import yaml
+
+    from zoo.hub import read_state_dict
+    from zoo.io import atomic_write, atomic_write_json, sha256_file
+    from zoo.registry import create_model, register_model_config
+    from zoo.slim.search import AlphaImportance, slim, start_arch, trajectory_png
+    from zoo.slim.table import LatencyTable
+
+    table = LatencyTable.load(args.lut)
+    if table.family != args.family:
+        raise DataError(f"{args.lut} holds {table.family} blocks, not {args.family}.")
+    space = space_from_args(args, table)
+    table.check_covers(space.all_keys())  # before any training
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    common = ["--batch-size", str(args.batch_size), "--workers", str(args.workers), "--seed", str(args.seed),
+              "--img-size", str(space.img_size)] + (["--lr", str(args.lr)] if args.lr else [])
+    if args.supernet:
+        if not args.supernet_config:
+            raise ConfigError("--supernet CKPT needs --supernet-config FILE (the model-config it was trained with).")
+        sn_name = register_model_config(args.supernet_config)
+        ckpt = args.supernet
+    else:
+        if not args.data_dir:
+            raise ConfigError("give --data-dir (to train the supernet here) or --supernet CKPT --supernet-config FILE.")
+        cfg_path = _supernet_config(space, out, args)
+        sn_name = register_model_config(cfg_path)
+        print(f"training the supernet ({args.supernet_epochs} epochs) -> {out / 'supernet'}", file=sys.stderr)
+        _train(["--model", sn_name, "--model-config", str(cfg_path), "--data-dir", args.data_dir,
+                "--epochs", str(args.supernet_epochs), "--output", str(out), "--experiment", "supernet",
+                "--smoothing", "0.1", *common])
+        ckpt = str(out / "supernet" / "last.pth.tar")
+    supernet = create_model(sn_name)
+    supernet.load_state_dict(_state_dict(read_state_dict(Path(ckpt))))
+    if tuple(supernet.embed_dims) != space.max_widths or tuple(supernet.depths) != space.max_depths:
+        raise DataError(f"the supernet ({supernet.embed_dims}, {supernet.depths}) is not the table's space "
+                        f"({space.max_widths}, {space.max_depths}): build the table for the supernet's size.")
+    importance = AlphaImportance.from_supernet(supernet)
+    result = slim(space, table, importance, start_arch(importance, supernet.embed_dims), args.target_ms,
+                  calibrated=not args.raw)
+    name = args.name or f"efficientformer_slim_{args.target_ms:g}ms".replace(".", "p")
+    atomic_write_json(out / "trajectory.json", {"target_ms": args.target_ms, "table": str(args.lut),
+                                                 "table_provenance": table.provenance, **result.to_json()})
+    trajectory_png(out / "trajectory.png", result)
+    from safetensors.torch import save_file
+
+    slimmed = supernet.extract(result.arch.widths, result.arch.kept)
+    weights = out / f"{name}_inherited.safetensors"
+    save_file({k: v.contiguous() for k, v in slimmed.state_dict().items()}, str(weights))
+    latency = {"target_ms": args.target_ms, "predicted_ms": round(result.predicted_ms, 5), "table": str(args.lut),
+               "table_sha256": sha256_file(args.lut), "table_provenance": table.describe(),
+               "calibrated": bool(table.calibration) and not args.raw}
+    arch = result.arch.former()
+    config = {"name": name, "base": "efficientformer_l1",
+              "config": {**arch.to_config(), "img_size": space.img_size, "num_classes": space.num_classes},
+              "weights": weights.name, "latency": latency, "search": {"steps": len(result.trajectory) - 1,
+                                                                     "supernet": str(ckpt)},
+              "description": f"EfficientFormer slimmed to {args.target_ms:g} ms on {table.describe()}"}
+    config_path = out / f"{name}.yaml"
+    with atomic_write(config_path, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    print(f"slimmed in {len(result.trajectory) - 1} steps: widths {list(arch.widths)}, depths {list(arch.depths)}, "
+          f"num_vit {arch.num_vit}; predicted {result.predicted_ms:.3f} ms (target {args.target_ms:g})")
+    if args.finetune_epochs:
+        register_model_config(config_path)
+        _train(["--model", name, "--model-config", str(config_path), "--data-dir", args.data_dir,
+                "--pretrained", str(weights), "--epochs", str(args.finetune_epochs), "--output", str(out),
+                "--experiment", "finetune", *common])
+        tuned = out / f"{name}.safetensors"
+        sd = _state_dict(read_state_dict(out / "finetune" / "model_best.pth.tar"))
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tuned))
+        config["weights"] = tuned.name
+    if args.measure and table.provenance.get("backend") in ("torch", "onnxruntime", "cuda"):
+        config["latency"]["measured_ms"] = round(_measure(space, arch, table, args), 5)
+        print(f"measured on {table.provenance['backend']}: {config['latency']['measured_ms']:.3f} ms "
+              f"({config['latency']['measured_ms'] / args.target_ms - 1:+.1%} against the target)")
+    with atomic_write(config_path, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    register_model_config(config_path)
+    print(f"wrote {config_path} (use it with --model-config), {out / 'trajectory.json'}, {out / 'trajectory.png'}")
+    return 0
+
+
+def _state_dict(sd: dict) -> dict:
+    import torch
+
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def _measure(space, arch, table, args) -> float:
+    """The slimmed network's own latency on the table's backend and threads (median)."""
+    import tempfile
+
+    import numpy as np
+
+    from zoo.slim.measure import make_runner, time_calls, torch_threads
+    from zoo.testing import randomize_
+
+    threads = int(table.provenance.get("threads") or 1)
+    backend = table.provenance["backend"]
+    with torch_threads(threads), tempfile.TemporaryDirectory() as tmp:
+        model = randomize_(space.build(arch).eval(), scale=0.1).reparameterize()
+        run = make_runner(model, (1, 3, space.img_size, space.img_size), backend, threads, Path(tmp), "slim")
+        return float(np.median(time_calls(run, backend, 10, args.measure_reps)))
+
+
+def _space_flags(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--family", default="efficientformer", choices=("efficientformer",))
+    s.add_argument("--img-size", type=int, default=224)
+    s.add_argument("--num-classes", type=int, default=1000)
+    s.add_argument("--max-widths", type=int, nargs=4, default=None, help="the supernet's widths (default L7's)")
+    s.add_argument("--max-depths", type=int, nargs=4, default=None, help="the supernet's slots per stage (default L7's)")
+
+
+def register(sub) -> None:
+    s = sub.add_parser("latency-table", help="build, import or check a per-block latency table for zoo slim")
+    _space_flags(s)
+    s.add_argument("--backend", default="torch", choices=("torch", "onnxruntime", "cuda"))
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--reps", type=int, default=30, help="timed calls per block (median and p90 kept)")
+    s.add_argument("--warmup", type=int, default=5)
+    s.add_argument("--out", default="", help="the table (JSON)")
+    s.add_argument("--import", dest="import_file", default="", help="a device's CSV/JSON measurements (docs/slim.md)")
+    s.add_argument("--lut", default="", help="an existing table (for --report / --export-coreml)")
+    s.add_argument("--report", action="store_true", help="additivity: random networks measured against the table")
+    s.add_argument("--archs", type=int, default=8, help="random architectures for --report / --export-coreml")
+    s.add_argument("--report-reps", type=int, default=30)
+    s.add_argument("--report-json", default="", help="also write the report here")
+    s.add_argument("--export-coreml", default="", help="write every block as a CoreML package and a manifest here")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_latency_table)
+
+    s = sub.add_parser("slim", help="latency-driven slimming: supernet, search to --target-ms, fine-tune")
+    _space_flags(s)
+    s.add_argument("--target-ms", type=float, required=True)
+    s.add_argument("--lut", required=True, help="a latency table (zoo latency-table)")
+    s.add_argument("--data-dir", default="", help="ImageFolder with train/ and val/ (supernet training, fine-tuning)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--name", default="", help="the slimmed model's name (default efficientformer_slim_<T>ms)")
+    s.add_argument("--supernet", default="", help="a trained supernet checkpoint (skips its training)")
+    s.add_argument("--supernet-config", default="", help="the model-config the --supernet was trained with")
+    s.add_argument("--supernet-epochs", type=int, default=10)
+    s.add_argument("--finetune-epochs", type=int, default=0)
+    s.add_argument("--noise", default="uniform", choices=("uniform", "gumbel", "none"))
+    s.add_argument("--tau-start", type=float, default=5.0)
+    s.add_argument("--tau-end", type=float, default=0.5)
+    s.add_argument("--raw", action="store_true", help="search on the table's raw sums, not its calibration")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--workers", type=int, default=2)
+    s.add_argument("--seed", type=int, default=42)
+    s.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the slimmed network on the table's backend (when it runs here)")
+    s.add_argument("--measure-reps", type=int, default=50)
+    s.set_defaults(func=_cmd_slim)

@@ -1,0 +1,204 @@
+"""Timing blocks and networks for latency tables, on one backend with fixed threads.
+
+Backends:
+
+- ``torch``: eager, ``torch.inference_mode``, ``torch.set_num_threads(threads)``;
+- ``onnxruntime``: the module exported by torch's TorchScript-based ONNX exporter (opset 18,
+  fixed shapes; it exports a block in a fraction of a second, where the dynamo exporter takes
+  seconds, and a table has hundreds of blocks), run by the CPU execution provider with
+  ``intra_op_num_threads = threads``, one inter-op thread and every graph optimisation;
+- ``cuda``: eager on the GPU, timed with CUDA events.
+
+A block and a whole network are measured the same way, so the table's sum and a network's
+latency differ only by what the network does between blocks. Times are per call in
+milliseconds; an entry keeps the median and the 90th percentile.
+"""
+from __future__ import annotations
+
+import contextlib
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from zoo.errors import ConfigError, require
+from zoo.slim.table import Entry
+
+__all__ = ["BACKENDS", "make_runner", "time_calls", "interleaved", "measure_blocks", "measure_table",
+           "backend_provenance", "summarize"]
+
+BACKENDS = ("torch", "onnxruntime", "cuda")
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_backend(backend: str, threads: int) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}.")
+    if threads < 1:
+        raise ConfigError(f"threads must be at least 1 (got {threads}).")
+    if backend == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("backend cuda needs a GPU; this machine has none (use torch or onnxruntime).")
+    if backend == "onnxruntime":
+        require("onnxruntime", "export", "the onnxruntime backend")
+
+
+def make_runner(module: nn.Module, shape: tuple[int, ...], backend: str, threads: int, folder: Path,
+                name: str = "block") -> Callable[[], None]:
+    """A no-argument callable running `module` once on a fixed random input of `shape`."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    module = module.eval()
+    if backend == "torch":
+        def run() -> None:
+            with torch.inference_mode():
+                module(x)
+        return run
+    if backend == "cuda":
+        module, xc = module.cuda(), x.cuda()
+
+        def run() -> None:
+            with torch.inference_mode():
+                module(xc)
+        return run
+    ort = require("onnxruntime", "export", "the onnxruntime backend")
+    path = Path(folder) / f"{name}.onnx"
+    with torch.no_grad(), warnings_quiet():
+        torch.onnx.export(module, (x,), str(path), input_names=["input"], output_names=["output"], opset_version=18,
+                          dynamo=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {"input": x.numpy()}
+    return lambda: sess.run(None, feed) and None
+
+
+@contextlib.contextmanager
+def warnings_quiet() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _timed(backend: str) -> Callable[[Callable[[], None]], float]:
+    if backend == "cuda":
+        def timed(fn) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        return timed
+
+    def timed(fn) -> float:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return timed
+
+
+def time_calls(run: Callable[[], None], backend: str, warmup: int, reps: int) -> list[float]:
+    """`warmup` untimed calls, then `reps` timed ones (ms each)."""
+    timed = _timed(backend)
+    for _ in range(warmup):
+        run()
+    return [timed(run) for _ in range(reps)]
+
+
+def interleaved(runners: dict[str, Callable[[], None]], backend: str, warmup: int, reps: int) -> dict[str, list[float]]:
+    """Time several runners in rounds, each round running every one once in an order that
+    rotates, so a slow spell of the machine hits all alike. Each timed call follows an
+    untimed one of the same runner (its data warm in the caches, as in a deployment)."""
+    timed = _timed(backend)
+    names = list(runners)
+    for name in names:
+        for _ in range(warmup):
+            runners[name]()
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            runners[name]()
+            out[name].append(timed(runners[name]))
+    return out
+
+
+def summarize(times: list[float]) -> Entry:
+    s = sorted(times)
+    return Entry(round(statistics.median(s), 6), round(s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))], 6), len(s))
+
+
+def measure_blocks(space, keys: Iterable[str], backend: str = "torch", threads: int = 1, warmup: int = 5,
+                   reps: int = 30, progress: bool = True) -> dict[str, Entry]:
+    """Each block of `keys` alone (its deploy form from `space.block`), median of `reps` calls."""
+    check_backend(backend, threads)
+    keys = list(dict.fromkeys(keys))
+    out: dict[str, Entry] = {}
+    bar = _progress(len(keys), f"latency table ({backend}, {threads} thread{'s' * (threads > 1)})", progress)
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="zoo-lut-") as tmp:
+        for i, key in enumerate(keys):
+            module, shape = space.block(key)
+            run = make_runner(module, shape, backend, threads, Path(tmp), f"b{i}")
+            out[key] = summarize(time_calls(run, backend, warmup, reps))
+            bar.update(1)
+    bar.close()
+    return out
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="block", disable=not enabled, dynamic_ncols=True)
+
+
+def backend_provenance(backend: str, threads: int) -> dict:
+    """What a table measured here records about where it was measured."""
+    device = _cpu_name()
+    runtime = f"torch {torch.__version__}"
+    if backend == "cuda":
+        device = torch.cuda.get_device_name()
+        runtime += f", CUDA {torch.version.cuda}"
+    elif backend == "onnxruntime":
+        import onnxruntime
+
+        runtime = f"onnxruntime {onnxruntime.__version__} (CPUExecutionProvider), exported by torch {torch.__version__}"
+    return {"device": device, "os": platform.platform(terse=True), "runtime": runtime, "backend": backend,
+            "threads": threads}
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def measure_table(space, backend: str = "torch", threads: int = 1, warmup: int = 5, reps: int = 30,
+                  progress: bool = True):
+    """A `LatencyTable` covering every block `space` can use, measured here."""
+    import datetime
+
+    from zoo.slim.table import LatencyTable
+
+    entries = measure_blocks(space, space.all_keys(), backend, threads, warmup, reps, progress)
+    prov = backend_provenance(backend, threads)
+    prov.update(source="measured", date=datetime.date.today().isoformat(), img_size=space.img_size, batch_size=1,
+                reps=reps, space=space.describe())
+    return LatencyTable(space.family, entries, prov)
