@@ -63,7 +63,11 @@ def _cmd_latency_table(args) -> int:
         report = additivity_report(space, table, num_archs=args.archs, seed=args.seed, reps=args.report_reps)
         print(format_report(report))
         table.save(out)
-        print(f"calibration a = {report['a']:.4f}, b = {report['b']:.4f} ms stored in {out}")
+        if report["calibration_stored"]:
+            print(f"calibration a = {report['a']:.4f}, b = {report['b']:.4f} ms stored in {out}")
+        else:
+            print(f"warning: the fitted line falls (a = {report['a']:.4f}): the table's sums do not rank these networks; "
+                  "no calibration stored (re-measure with more --reps, or on a quieter machine)", file=sys.stderr)
         if args.report_json:
             from zoo.io import atomic_write_json
 

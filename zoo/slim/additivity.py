@@ -73,11 +73,14 @@ def additivity_report(space, table: LatencyTable, num_archs: int = 8, seed: int 
              "raw_error": float(r), "calibrated_error": float(e)}
             for arch, m, s, c, r, e in zip(archs, measured, summed, loo, raw_err, cal_err)]
     report = {"backend": backend, "threads": threads, "img_size": space.img_size, "reps": reps,
+              "overhead_ms": table.overhead_ms,
               "num_archs": len(archs), "a": a, "b": b, "spearman": rho,
               "raw_mean_abs_error": float(np.abs(raw_err).mean()), "raw_max_abs_error": float(np.abs(raw_err).max()),
               "calibrated_mean_abs_error": float(np.abs(cal_err).mean()),
               "calibrated_max_abs_error": float(np.abs(cal_err).max()), "rows": rows}
-    if store:
+    # a line that falls (a <= 0) would reverse the table's ranking: not a calibration to keep
+    report["calibration_stored"] = bool(store and a > 0)
+    if report["calibration_stored"]:
         table.calibration = {"a": a, "b": b, "fitted_on": len(archs), "spearman": rho,
                              "calibrated_max_abs_error": report["calibrated_max_abs_error"]}
     return report
@@ -93,7 +96,9 @@ def format_report(report: dict) -> str:
                      f"{r['table_sum_ms']:.3f} | {r['raw_error']:+.1%} | {r['calibrated_ms']:.3f} | "
                      f"{r['calibrated_error']:+.1%} |")
     lines += ["", f"{report['num_archs']} random architectures, {report['backend']}, {report['threads']} thread(s), "
-                  f"{report['img_size']} px, median of {report['reps']} interleaved rounds. Raw: mean |error| "
+                  f"{report['img_size']} px, median of {report['reps']} interleaved rounds. Table sum: the blocks' "
+                  f"medians less a {report.get('overhead_ms', 0.0):.4f} ms call overhead for all blocks but one. "
+                  "Raw: mean |error| "
                   f"{report['raw_mean_abs_error']:.1%}, max {report['raw_max_abs_error']:.1%}. Calibrated "
                   f"(a = {report['a']:.3f}, b = {report['b']:.3f} ms; leave-one-out): mean |error| "
                   f"{report['calibrated_mean_abs_error']:.1%}, max {report['calibrated_max_abs_error']:.1%}. "

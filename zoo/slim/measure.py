@@ -30,7 +30,7 @@ from zoo.errors import ConfigError, require
 from zoo.slim.table import Entry
 
 __all__ = ["BACKENDS", "make_runner", "time_calls", "interleaved", "measure_blocks", "measure_table",
-           "backend_provenance", "summarize"]
+           "call_overhead", "backend_provenance", "summarize"]
 
 BACKENDS = ("torch", "onnxruntime", "cuda")
 
@@ -161,6 +161,15 @@ def measure_blocks(space, keys: Iterable[str], backend: str = "torch", threads: 
     return out
 
 
+def call_overhead(backend: str, threads: int = 1, warmup: int = 5, reps: int = 30) -> float:
+    """The median time of an (almost) empty call on `backend`: the part of every block's time
+    that a network pays once, not once per block."""
+    check_backend(backend, threads)
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="zoo-lut-") as tmp:
+        run = make_runner(_Copy(), (1, 8), backend, threads, Path(tmp), "overhead")
+        return summarize(time_calls(run, backend, warmup, max(reps, 30))).median_ms
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -198,7 +207,13 @@ def measure_table(space, backend: str = "torch", threads: int = 1, warmup: int =
     from zoo.slim.table import LatencyTable
 
     entries = measure_blocks(space, space.all_keys(), backend, threads, warmup, reps, progress)
+    overhead = call_overhead(backend, threads, warmup, reps)
     prov = backend_provenance(backend, threads)
     prov.update(source="measured", date=datetime.date.today().isoformat(), img_size=space.img_size, batch_size=1,
                 reps=reps, space=space.describe())
-    return LatencyTable(space.family, entries, prov)
+    return LatencyTable(space.family, entries, prov, overhead_ms=overhead)
+
+
+class _Copy(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0  # one trivial op: exports as one node, runs as one call

@@ -8,6 +8,8 @@ three actions:
 2. ``mb3d_to_mb4d``: turn the first Meta3D block (stage 4) into a Meta4D block;
 3. ``shrink``: narrow the least important stage by 16 channels (down to 16);
 
+(for drop and shrink, the least important one whose change saves time on the table);
+
 prices each by the latency it saves (from the table: the architecture's predicted latency
 before minus after) and the importance it loses (an `Importance` oracle), and takes the one
 losing the least importance per millisecond saved (ties: the order above). It stops at the
@@ -129,13 +131,6 @@ class AlphaImportance:
         """The summed importance of the slots `arch` keeps (the search's starting proxy)."""
         return sum(self.slot(i, j) for i, k in enumerate(arch.kept) for j, _ in k)
 
-    def least_important_slot(self, arch: SlotArch) -> tuple[int, int] | None:
-        cands = [(self.slot(i, j), i, j) for i, k in enumerate(arch.kept) if len(k) > 1 for j, _ in k]
-        return min(cands)[1:] if cands else None
-
-    def least_important_stage(self, arch: SlotArch, min_width: int) -> int | None:
-        cands = [(self.stage_mean(arch, i), i) for i in range(len(arch.widths)) if arch.widths[i] - 16 >= min_width]
-        return min(cands)[1] if cands else None
 
 
 def start_arch(importance: AlphaImportance, widths: Sequence[int]) -> SlotArch:
@@ -162,19 +157,31 @@ class SearchResult:
                 "predicted_ms": self.predicted_ms, "target_ms": self.target_ms, "trajectory": self.trajectory}
 
 
-def candidate_actions(arch: SlotArch, importance: AlphaImportance, step: int = 16) -> list[Action]:
-    """The three actions available from `arch`, in tie-break order."""
+def candidate_actions(arch: SlotArch, importance: AlphaImportance, step: int = 16,
+                      saves: Callable[[Action], bool] | None = None) -> list[Action]:
+    """The three actions available from `arch`, in tie-break order. With `saves` (whether an
+    action lowers the predicted latency), drop and shrink take the least important slot or
+    stage *whose change saves time*: on a measured table a narrower or shallower variant is
+    not always faster (noise, or kernels that favour some widths), and the paper's search
+    would otherwise stop short of the target."""
     out = []
-    slot = importance.least_important_slot(arch)
-    if slot is not None:
-        out.append(Action("drop", *slot))
+    slots = sorted((importance.slot(i, j), i, j) for i, k in enumerate(arch.kept) if len(k) > 1 for j, _ in k)
+    for _, i, j in slots:
+        a = Action("drop", i, j)
+        if saves is None or saves(a):
+            out.append(a)
+            break
     for j, c in arch.kept[-1]:
         if c == "mb3d":
             out.append(Action("mb3d_to_mb4d", len(arch.kept) - 1, j))
             break
-    stage = importance.least_important_stage(arch, step)
-    if stage is not None:
-        out.append(Action("shrink", stage))
+    stages = sorted((importance.stage_mean(arch, i), i) for i in range(len(arch.widths))
+                    if arch.widths[i] - step >= step)
+    for _, i in stages:
+        a = Action("shrink", i)
+        if saves is None or saves(a):
+            out.append(a)
+            break
     return out
 
 
@@ -200,7 +207,8 @@ def slim(space: EfficientFormerSpace, table: LatencyTable, importance: AlphaImpo
         if ms <= target_ms:
             break
         best = None
-        for order, action in enumerate(candidate_actions(arch, importance, space.step)):
+        saves = lambda a, arch=arch, ms=ms: latency(a.apply(arch, space.step)) < ms  # noqa: E731
+        for order, action in enumerate(candidate_actions(arch, importance, space.step, saves)):
             new = action.apply(arch, space.step)
             new_ms = latency(new)
             saved = ms - new_ms
@@ -211,8 +219,9 @@ def slim(space: EfficientFormerSpace, table: LatencyTable, importance: AlphaImpo
             if best is None or key < best[0]:
                 best = (key, action, new, new_ms, lost, saved)
         if best is None:
-            raise DataError(f"slimming cannot go below {ms:.4g} ms (target {target_ms:.4g} ms): every stage is at one "
-                            f"block of {space.step} channels or no action saves time on this table.")
+            raise DataError(f"slimming cannot go below {ms:.4g} ms (target {target_ms:.4g} ms): no action saves time on "
+                            f"this table (every stage at one block of {space.step} channels, or a table whose "
+                            "smaller blocks are not faster). Choose a higher target or re-measure the table.")
         (score, _), action, arch, ms, lost, saved = best
         kept -= lost
         trajectory.append(_record(step, action, arch, ms, kept, lost, saved, score))

@@ -1,7 +1,9 @@
 """Latency tables: per-block latency of one family on one backend, with where it came from.
 
 A table maps block keys (`zoo.slim.space`: ``kind.c<width>.r<grid>.e<ratio>...``) to the
-median and p90 latency of that block alone, in milliseconds, and keeps its provenance: the
+median and p90 latency of that block alone, in milliseconds, and the backend's call overhead
+(``overhead_ms``: an empty call, which every block's time includes and a network pays once, so
+a prediction subtracts it from all blocks but one), and keeps its provenance: the
 device, OS and runtime it was measured on, the backend, threads, input size and batch, and
 whether zoo measured it or it was imported from a device's file. An optional calibration
 ``a * sum + b`` (fitted by the additivity report, `zoo.slim.additivity`) turns the sum of a
@@ -15,12 +17,13 @@ from a CSV of this form (the docs page ``docs/slim.md`` has an example)::
     runtime,CoreML 7 (compute units ALL)
     family,efficientformer
     img_size,224
+    overhead_ms,0.004
     key,median_ms,p90_ms,n
     stem.i3.c48.r56,0.031,0.035,200
     ...
 
 or from a JSON object with the same fields (``device``, ``os``, ``runtime``, ``family``,
-optional ``img_size``, and ``entries``: a list of ``{key, median_ms, p90_ms, n}``), which is
+optional ``img_size`` and ``overhead_ms``, and ``entries``: a list of ``{key, median_ms, p90_ms, n}``), which is
 what the manifest of `zoo.slim.coreml_blocks` asks a device app to return.
 """
 from __future__ import annotations
@@ -64,10 +67,13 @@ class LatencyTable:
     provenance: dict = field(default_factory=dict)
     calibration: dict | None = None  # {"a", "b", "fitted_on"} from the additivity report
     path: str = ""  # where it was read from, for messages
+    overhead_ms: float = 0.0  # one empty call on the backend: in every block's time, once in a network's
 
     def __post_init__(self) -> None:
         from zoo.slim.space import family_space
 
+        if not isinstance(self.overhead_ms, (int, float)) or not math.isfinite(self.overhead_ms) or self.overhead_ms < 0:
+            raise DataError(f"{self.where}: overhead_ms = {self.overhead_ms!r}; it is an empty call's time, >= 0 ms.")
         space = family_space(self.family, where=self.where)
         for key, e in self.entries.items():
             space.parse_key(key, where=self.where)
@@ -108,8 +114,10 @@ class LatencyTable:
                 f"(zoo latency-table --family {self.family} --img-size N ...) or add the rows to the device file.")
 
     def predict(self, keys: Iterable[str], calibrated: bool = True) -> float:
-        """Sum of the blocks' medians, then ``a * sum + b`` when calibrated and a fit exists."""
-        total = sum(self.ms(k) for k in keys)
+        """Sum of the blocks' medians less the call overhead each of them carries (a network
+        pays it once), then ``a * sum + b`` when calibrated and a fit exists."""
+        keys = list(keys)
+        total = sum(self.ms(k) for k in keys) - max(len(keys) - 1, 0) * self.overhead_ms
         if calibrated and self.calibration:
             return self.calibration["a"] * total + self.calibration["b"]
         return total
@@ -127,7 +135,7 @@ class LatencyTable:
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "family": self.family, "provenance": self.provenance,
-                "calibration": self.calibration,
+                "calibration": self.calibration, "overhead_ms": self.overhead_ms,
                 "entries": {k: self.entries[k].to_json() for k in sorted(self.entries)}}
 
     def save(self, path: str | Path) -> Path:
@@ -148,7 +156,8 @@ class LatencyTable:
                             "measurements are imported first: zoo latency-table --import FILE --out lut.json.")
         try:
             entries = {k: Entry(v["median_ms"], v["p90_ms"], v["n"]) for k, v in obj["entries"].items()}
-            return cls(obj["family"], entries, dict(obj.get("provenance") or {}), obj.get("calibration"), str(path))
+            return cls(obj["family"], entries, dict(obj.get("provenance") or {}), obj.get("calibration"), str(path),
+                       obj.get("overhead_ms", 0.0))
         except (KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{path}: malformed latency table ({type(e).__name__}: {e}).") from None
 
@@ -193,7 +202,11 @@ class LatencyTable:
         for k in ("img_size", "batch_size", "threads", "compute_units", "date"):
             if header.get(k):
                 prov[k] = int(header[k]) if k in ("img_size", "batch_size", "threads") else header[k]
-        return cls(header["family"], entries, prov, None, str(path))
+        try:
+            overhead = float(header.get("overhead_ms", 0.0))
+        except ValueError:
+            raise DataError(f"{path}: overhead_ms {header['overhead_ms']!r} is not a number.") from None
+        return cls(header["family"], entries, prov, None, str(path), overhead)
 
 
 def _read_json(path: Path):
