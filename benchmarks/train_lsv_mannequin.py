@@ -5,7 +5,8 @@ blur fade-in, since a CPU run sees a few thousand images, not millions), then me
 generator against the initial one on the same held-out labels: FID and KID on the small
 feature network, silhouette IoU, multi-view consistency, and how much alpha the outer shells
 carry where the data's hair and skirt are. Writes the run folder (sample grids per epoch,
-``curves.png``), ``docs/results/lsv_gan_cpu.md`` and the generator's weights in float16
+``curves.png``), ``docs/results/lsv_gan_cpu.md`` with the curves and the last sample grid
+beside it (``lsv_gan_curves.png``, ``lsv_gan_samples.png``), and the generator's weights in float16
 safetensors; ``--install`` copies them to ``models/lsv/weights/`` and prints the sha256 to put
 in ``models/lsv/__init__.py``. ``--quick`` is a smoke run.
 """
@@ -62,8 +63,8 @@ def consistency(gan, task) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/lsv_mannequin")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--num-images", type=int, default=512)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--num-images", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--install", action="store_true")
@@ -112,7 +113,8 @@ def main() -> None:
     body = "\n".join([
         f"lsv_mannequin, {cfg.resolution}-pixel images, {len(task.data)} training images, batch {cfg.batch_size}, "
         f"{tc.epochs} epochs ({task.seen / 1000:.1f} kimg), "
-        f"{f'{minutes:.0f} min of training' if minutes == minutes else 'measured from its last checkpoint'}.", "",
+        f"{f'{minutes:.0f} min of training' if minutes == minutes else 'measured from its last checkpoint'}"
+        f"{f' (the epochs after the resume from {args.resume})' if args.resume and minutes == minutes else ''}.", "",
         f"Figures on {len(task.eval_index)} of the training labels (GAN practice: the data distribution itself); "
         "FID and KID on zoo's small feature network (they compare runs of this project, not published numbers). "
         "Initial: the generator before training.", "",
@@ -122,6 +124,10 @@ def main() -> None:
     results = ROOT / "docs" / "results" / ("lsv_gan_cpu_quick.md" if q else "lsv_gan_cpu.md")
     with results_file(results, "LSV-GAN on the built-in synthetic humans (CPU)"):
         print(body)
+    if not q:  # the pictures the docs show, from this run
+        shutil.copyfile(out_dir / "curves.png", ROOT / "docs" / "results" / "lsv_gan_curves.png")
+        last = sorted(out_dir.glob("samples_epoch*.png"))[-1]
+        shutil.copyfile(last, ROOT / "docs" / "results" / "lsv_gan_samples.png")
     print(json.dumps({"before": before, "after": after}, indent=1))
     print(f"weights: {dest} (sha256 {sha256_file(dest)})")
     if args.install:

@@ -64,7 +64,7 @@ LAYOUTS = {"gan": _from_gan_checkpoint}
 MANNEQUIN_WEIGHTS = Path(__file__).parent / "weights" / "lsv_mannequin_synthetic.safetensors"
 # the shipped file's digest, checked before every load (benchmarks/train_lsv_mannequin.py --install
 # prints the new one to put here)
-MANNEQUIN_SHA256 = "619e3874fee3b8dba114900b43df48316c51729b376cce4b1a8f6779d78404a9"
+MANNEQUIN_SHA256 = "3695625cc79f1ca1b8c97429c6b801b82d0faff3f264e9ed00646075e121c849"
 MANNEQUIN_CONFIG = {"body": "mannequin", "texture_size": 128, "z_dim": 128, "w_dim": 128, "mapping_layers": 4,
                     "channel_base": 4096, "channel_max": 128, "render_resolution": 128}
 register_model(ModelCard(

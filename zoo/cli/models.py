@@ -17,6 +17,10 @@ def apply_model_config(args, attr: str = "name") -> None:
         if not getattr(args, attr):
             raise ConfigError("name a model (zoo list shows them) or give --model-config FILE.")
         return
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise ConfigError(f"--model-config {path}: no such file.")
     if not is_model_config(path):
         return
     name = register_model_config(path)

@@ -150,9 +150,8 @@ def _apply_config(p: argparse.ArgumentParser, argv) -> argparse.Namespace:
 def run_train(args: argparse.Namespace, callbacks=None) -> dict:
     """Train as `args` says; returns the best eval metrics (with their epoch)."""
     from zoo.train.classification import ClassificationConfig, ClassificationTask
-    from zoo.train.engine import Engine, TrainConfig, setup_distributed
-
     from zoo.cli.models import apply_model_config
+    from zoo.train.engine import Engine, TrainConfig, setup_distributed
 
     if args.model_config or not args.model:
         apply_model_config(args, "model")  # a slimmed model's file names the model
@@ -232,10 +231,9 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_validate(args: argparse.Namespace) -> dict:
     """Top-1/top-5 of a checkpoint on ``data_dir/split`` (and of its deploy form with --reparam)."""
-    from zoo.cli.models import apply_model_config
-
-    apply_model_config(args, "model")
     from timm.data import create_transform, resolve_data_config
+
+    from zoo.cli.models import apply_model_config
 
     from zoo.export import reparameterize
     from zoo.hub import read_state_dict
@@ -244,6 +242,7 @@ def run_validate(args: argparse.Namespace) -> dict:
     from zoo.data.images import ImageFolder
     from zoo.train.engine import Dist
 
+    apply_model_config(args, "model")
     card = model_card(args.model)
     data = ImageFolder(args.data_dir, args.split)
     check_checkpoint_arch(args.checkpoint, args.model)
