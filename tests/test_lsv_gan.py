@@ -295,3 +295,11 @@ def test_the_shipped_mannequin_weights_load_and_dress_the_body():
     # generator learnt to make the outermost shell mostly clear (the data has hair and a skirt there only)
     assert tex[:, :, :3].std(0).mean() > 0.02 and (tex - raw).abs().mean() > 0.05
     assert tex[:, 0, 3].mean() < 0.5 < raw[:, 0, 3].mean()
+
+
+def test_the_model_and_the_data_agree_on_the_label_layout():
+    """The discriminator (zoo.models, which may not import zoo.data) keeps its own copy of the
+    label length; the two must not drift apart."""
+    from zoo.models.lsv import discriminator
+
+    assert discriminator.LABEL_DIM == LABEL_DIM == 16 + 9 + 72 + 10

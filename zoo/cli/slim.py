@@ -47,7 +47,8 @@ def _cmd_latency_table(args) -> int:
         if not args.out:
             raise ConfigError("give --out lut.json (where the table goes).")
         space = space_from_args(args)
-        table = measure_table(space, args.backend, args.threads, args.warmup, args.reps, progress=not args.quiet)
+        table = measure_table(space, args.backend, args.threads, args.warmup, args.reps, progress=not args.quiet,
+                              chain=args.chain)
         out = Path(args.out)
         table.save(out)
         print(f"measured {len(table.entries)} blocks ({table.describe()}) -> {out}")
@@ -229,6 +230,8 @@ def register(sub) -> None:
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--reps", type=int, default=30, help="timed calls per block (median and p90 kept)")
     s.add_argument("--warmup", type=int, default=5)
+    s.add_argument("--chain", type=int, default=4,
+                   help="time shape-keeping blocks as chains of this many (weights not hot in the cache, as in a network)")
     s.add_argument("--out", default="", help="the table (JSON)")
     s.add_argument("--import", dest="import_file", default="", help="a device's CSV/JSON measurements (docs/slim.md)")
     s.add_argument("--lut", default="", help="an existing table (for --report / --export-coreml)")

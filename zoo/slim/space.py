@@ -164,8 +164,11 @@ class EfficientFormerSpace:
 
     # -- blocks ---------------------------------------------------------------------------
 
-    def block(self, key: str) -> tuple[nn.Module, tuple[int, ...]]:
-        """The deploy form of one block, and the input shape it runs on (batch 1)."""
+    chainable = ("mb4d", "mb3d")  # kinds whose output has their input's shape: timed as chains
+
+    def block(self, key: str, seed: int = 0) -> tuple[nn.Module, tuple[int, ...]]:
+        """The deploy form of one block (random weights from `seed`), and the input shape it
+        runs on (batch 1)."""
         from zoo.models import efficientformer as ef
         from zoo.models.cpu_kernels import use_deploy_kernels
         from zoo.nn import fuse_modules
@@ -186,7 +189,7 @@ class EfficientFormerSpace:
         else:
             module = _Head(f["c"], bool(f["t"]), f["n"])
             shape = (r * r, f["c"]) if f["t"] else (f["c"], r, r)
-        wrapper = randomize_(nn.Sequential(module).eval(), scale=0.1)  # folding does real work, as on trained weights
+        wrapper = randomize_(nn.Sequential(module).eval(), seed=seed, scale=0.1)  # folding does real work, as on trained weights
         fuse_modules(wrapper)
         use_deploy_kernels(wrapper)
         return wrapper.requires_grad_(False), (1, *shape)
