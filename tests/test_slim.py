@@ -4,6 +4,7 @@ Nothing here asserts on a measured time: tables measured in tests only have to e
 positive and be used consistently; the search is tested on hand-made tables."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
 
@@ -374,9 +375,12 @@ def test_latency_table_slim_and_the_slimmed_model_through_every_command(tmp_path
     assert main(["info", "--model-config", str(config)]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["name"] == "efficientformer_slim_test" and "latency_predicted_ms" in info["metrics"]
-    assert main(["export", "--model-config", str(config), "--pretrained", "config", "--format", "onnx",
+    formats = ["onnx", "coreml"] if importlib.util.find_spec("coremltools") else ["onnx"]
+    assert main(["export", "--model-config", str(config), "--pretrained", "config", "--format", *formats,
                  "--out", str(tmp_path / "exp")]) == 0
     assert (tmp_path / "exp" / "efficientformer_slim_test.onnx").is_file()
+    if "coreml" in formats:
+        assert (tmp_path / "exp" / "efficientformer_slim_test.mlpackage").is_dir()
     assert main(["benchmark", "--model-config", str(config), "--reps", "2", "--warmup", "0", "--quiet"]) == 0
     assert "efficientformer_slim_test" in capsys.readouterr().out
     assert main(["validate", "--model-config", str(config), "--checkpoint", str(out / cfg["weights"]),
