@@ -389,6 +389,14 @@ def test_latency_table_slim_and_the_slimmed_model_through_every_command(tmp_path
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(zoo.export.reparameterize(model)(x), model(x), rtol=1e-5, atol=1e-5)
+    # the same supernet, priced by the measured accuracy drop instead of the alphas
+    again = tmp_path / "slim_acc"
+    assert main(["slim", "--target-ms", f"{target:.4f}", "--lut", str(lut), "--data-dir", str(data), "--out",
+                 str(again), "--supernet", str(out / "supernet" / "last.pth.tar"), "--supernet-config",
+                 str(out / "supernet.yaml"), "--importance", "accuracy", "--name", "efficientformer_slim_acc",
+                 "--no-measure", "--batch-size", "8"]) == 0
+    acc = yaml.safe_load((again / "efficientformer_slim_acc.yaml").read_text())
+    assert acc["search"]["importance"] == "accuracy" and acc["latency"]["predicted_ms"] <= float(f"{target:.4f}")
 
 
 def test_coreml_block_packages_and_a_manifest_the_device_results_import_from(tmp_path):
@@ -424,3 +432,31 @@ def test_drop_and_shrink_skip_changes_the_table_says_are_not_faster():
     assert plain[0] == Action("drop", *least)
     skip = candidate_actions(arch, imp, saves=lambda a: (a.stage, a.slot) != least)
     assert skip[0].kind == "drop" and (skip[0].stage, skip[0].slot) != least
+
+
+def test_the_accuracy_importance_prices_actions_by_the_measured_drop():
+    from zoo.slim.accuracy import AccuracyImportance, recalibrate_batchnorm
+
+    net = tiny_supernet().eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)]
+    val = [(torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 3, (8,), generator=g))]
+    imp = AccuracyImportance(net, calib, val, metric="loss")
+    start = start_arch(imp, net.embed_dims)
+    for action in candidate_actions(start, imp):
+        new = action.apply(start)
+        assert imp.lost(start, action) == pytest.approx(max(0.0, imp.score(start) - imp.score(new)))
+        assert imp.after(imp.kept(start), imp.lost(start, action), new) == imp.score(new)
+    # the score is the re-estimated slimmed network's loss on the validation batch
+    model = recalibrate_batchnorm(net.extract(start.widths, start.kept), calib)
+    with torch.no_grad():
+        want = -torch.nn.functional.cross_entropy(model(val[0][0]), val[0][1]).item()
+    assert imp.score(start) == pytest.approx(want, rel=1e-5)
+    bn = model.stem.norm1
+    assert not torch.allclose(bn.running_mean, net.stem.norm1.running_mean)  # statistics re-estimated
+    space = EfficientFormerSpace(**TINY)
+    result = slim(space, synthetic_table(space), imp, start, 0.6 * synthetic_table(space).predict(
+        space.keys(start.former())))
+    assert result.trajectory[-1]["importance"] == pytest.approx(imp.score(result.arch))
+    with pytest.raises(ConfigError, match="metric"):
+        AccuracyImportance(net, calib, val, metric="f1")

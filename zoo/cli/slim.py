@@ -146,7 +146,16 @@ def _cmd_slim(args) -> int:
     if tuple(supernet.embed_dims) != space.max_widths or tuple(supernet.depths) != space.max_depths:
         raise DataError(f"the supernet ({supernet.embed_dims}, {supernet.depths}) is not the table's space "
                         f"({space.max_widths}, {space.max_depths}): build the table for the supernet's size.")
-    importance = AlphaImportance.from_supernet(supernet)
+    if args.importance == "accuracy":
+        from zoo.slim.accuracy import AccuracyImportance
+
+        if not args.data_dir:
+            raise ConfigError("--importance accuracy measures on --data-dir's val/ images: give --data-dir.")
+        calib = [x for x, _ in _batches(args.data_dir, "train", space.img_size, args.batch_size, args.calib_batches)]
+        val = _batches(args.data_dir, "val", space.img_size, args.batch_size, None)
+        importance = AccuracyImportance(supernet.eval(), calib, val, metric=args.importance_metric)
+    else:
+        importance = AlphaImportance.from_supernet(supernet)
     result = slim(space, table, importance, start_arch(importance, supernet.embed_dims), args.target_ms,
                   calibrated=not args.raw)
     name = args.name or f"efficientformer_slim_{args.target_ms:g}ms".replace(".", "p")
@@ -165,7 +174,8 @@ def _cmd_slim(args) -> int:
     config = {"name": name, "base": "efficientformer_l1",
               "config": {**arch.to_config(), "img_size": space.img_size, "num_classes": space.num_classes},
               "weights": weights.name, "latency": latency, "search": {"steps": len(result.trajectory) - 1,
-                                                                     "supernet": str(ckpt)},
+                                                                     "supernet": str(ckpt),
+                                                                     "importance": args.importance},
               "description": f"EfficientFormer slimmed to {args.target_ms:g} ms on {table.describe()}"}
     config_path = out / f"{name}.yaml"
     with atomic_write(config_path, "w") as f:
@@ -190,6 +200,30 @@ def _cmd_slim(args) -> int:
     register_model_config(config_path)
     print(f"wrote {config_path} (use it with --model-config), {out / 'trajectory.json'}, {out / 'trajectory.png'}")
     return 0
+
+
+def _batches(data_dir: str, split: str, size: int, batch_size: int, limit: int | None) -> list:
+    """``(images, labels)`` batches of an ImageFolder split through EfficientFormer's eval
+    transform at `size` (at most `limit` batches)."""
+    import torch
+    from timm.data import create_transform
+
+    from zoo.data.images import ImageFolder
+    from zoo.registry import model_card
+
+    spec = model_card("efficientformer_l1").input
+    data = ImageFolder(data_dir, split)
+    data.transform = create_transform((3, size, size), is_training=False, interpolation=spec.interpolation,
+                                      mean=spec.mean, std=spec.std, crop_pct=spec.crop_pct)
+    g = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(data), generator=g).tolist() if split == "train" else list(range(len(data)))
+    out = []
+    for start in range(0, len(order), batch_size):
+        items = [data[i][:2] for i in order[start: start + batch_size]]  # (image, label, skipped)
+        out.append((torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])))
+        if limit is not None and len(out) >= limit:
+            break
+    return out
 
 
 def _state_dict(sd: dict) -> dict:
@@ -259,6 +293,11 @@ def register(sub) -> None:
     s.add_argument("--tau-start", type=float, default=5.0)
     s.add_argument("--tau-end", type=float, default=0.5)
     s.add_argument("--raw", action="store_true", help="search on the table's raw sums, not its calibration")
+    s.add_argument("--importance", choices=("alpha", "accuracy"), default="alpha",
+                   help="price actions by the supernet's alphas, or by the accuracy drop measured on val/")
+    s.add_argument("--importance-metric", choices=("loss", "top1"), default="loss",
+                   help="with --importance accuracy: validation loss (smooth) or top-1 (the paper's)")
+    s.add_argument("--calib-batches", type=int, default=4, help="training batches for BatchNorm re-estimation")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--lr", type=float, default=None)
     s.add_argument("--workers", type=int, default=2)

@@ -127,6 +127,10 @@ class AlphaImportance:
         total = sum(self.slot(action.stage, j) for j, _ in arch.kept[action.stage])
         return total * 16 / arch.widths[action.stage]
 
+    def after(self, kept: float, lost: float, new: SlotArch) -> float:
+        """The accuracy proxy after an action that lost `lost` and led to `new`."""
+        return kept - lost
+
     def kept(self, arch: SlotArch) -> float:
         """The summed importance of the slots `arch` keeps (the search's starting proxy)."""
         return sum(self.slot(i, j) for i, k in enumerate(arch.kept) for j, _ in k)
@@ -223,7 +227,7 @@ def slim(space: EfficientFormerSpace, table: LatencyTable, importance: AlphaImpo
                             f"this table (every stage at one block of {space.step} channels, or a table whose "
                             "smaller blocks are not faster). Choose a higher target or re-measure the table.")
         (score, _), action, arch, ms, lost, saved = best
-        kept -= lost
+        kept = importance.after(kept, lost, arch)
         trajectory.append(_record(step, action, arch, ms, kept, lost, saved, score))
         if on_step:
             on_step(trajectory[-1])
