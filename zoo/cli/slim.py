@@ -108,7 +108,6 @@ def _train(argv: list[str]) -> dict:
 
 
 def _cmd_slim(args) -> int:
-    import torch
     import yaml
 
     from zoo.hub import read_state_dict
@@ -162,11 +161,9 @@ def _cmd_slim(args) -> int:
     atomic_write_json(out / "trajectory.json", {"target_ms": args.target_ms, "table": str(args.lut),
                                                  "table_provenance": table.provenance, **result.to_json()})
     trajectory_png(out / "trajectory.png", result)
-    from safetensors.torch import save_file
-
     slimmed = supernet.extract(result.arch.widths, result.arch.kept)
     weights = out / f"{name}_inherited.safetensors"
-    save_file({k: v.contiguous() for k, v in slimmed.state_dict().items()}, str(weights))
+    _save_weights(weights, slimmed.state_dict())
     latency = {"target_ms": args.target_ms, "predicted_ms": round(result.predicted_ms, 5), "table": str(args.lut),
                "table_sha256": sha256_file(args.lut), "table_provenance": table.describe(),
                "calibrated": bool(table.calibration) and not args.raw}
@@ -188,8 +185,7 @@ def _cmd_slim(args) -> int:
                 "--pretrained", str(weights), "--epochs", str(args.finetune_epochs), "--output", str(out),
                 "--experiment", "finetune", *common])
         tuned = out / f"{name}.safetensors"
-        sd = _state_dict(read_state_dict(out / "finetune" / "model_best.pth.tar"))
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(tuned))
+        _save_weights(tuned, _state_dict(read_state_dict(out / "finetune" / "model_best.pth.tar")))
         config["weights"] = tuned.name
     if args.measure and table.provenance.get("backend") in ("torch", "onnxruntime", "cuda"):
         config["latency"]["measured_ms"] = round(_measure(space, arch, table, args), 5)
@@ -224,6 +220,16 @@ def _batches(data_dir: str, split: str, size: int, batch_size: int, limit: int |
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def _save_weights(path: Path, sd: dict) -> None:
+    """A safetensors file, written atomically."""
+    from safetensors.torch import save
+
+    from zoo.io import atomic_write
+
+    with atomic_write(path, "wb") as f:
+        f.write(save({k: v.contiguous() for k, v in sd.items()}))
 
 
 def _state_dict(sd: dict) -> dict:
