@@ -303,3 +303,18 @@ def test_the_model_and_the_data_agree_on_the_label_layout():
     from zoo.models.lsv import discriminator
 
     assert discriminator.LABEL_DIM == LABEL_DIM == 16 + 9 + 72 + 10
+
+
+def test_an_epochs_evaluation_and_figures_render_the_ema_samples_once(tmp_path):
+    task = LSVGANTask(tiny(), setup_distributed("cpu"))
+    gan = task.build_model()
+    calls = []
+    render = gan.render_labels
+    gan.render_labels = lambda *a, **k: calls.append(1) or render(*a, **k)
+    task.evaluate(gan)
+    task.epoch_figures(gan, 0, tmp_path, [{"train_loss_G": 1.0}])
+    assert len(calls) == 1 and (tmp_path / "samples_epoch000.png").is_file()
+    with torch.no_grad():  # the EMA moves (in place, as its update does): the samples are rendered again
+        next(gan.G_ema.parameters()).mul_(0.5)
+    task.evaluate(gan)
+    assert len(calls) == 2

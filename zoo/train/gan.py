@@ -321,11 +321,19 @@ class LSVGANTask:
     @torch.no_grad()
     def ema_images(self, gan: LSVGAN) -> torch.Tensor:
         """EMA samples ``[E, H, W, 4]`` for the fixed evaluation latents, each in the pose and camera of
-        a fixed data label (over the background; alpha is coverage)."""
+        a fixed data label (over the background; alpha is coverage). Rendered once per state of
+        the EMA weights: `evaluate` and `epoch_figures` of one epoch share them."""
+        # every in-place change of a parameter (the EMA update, a load) bumps its version
+        key = (id(gan), self.seen, sum(p._version for p in gan.G_ema.parameters()))
+        cached = getattr(self, "_ema_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         dev = self.env.device
         textures = gan.G_ema(self.eval_z.to(dev))
         labels = self.data.labels[self.eval_index].to(dev)
-        return gan.render_labels(textures, labels, self.cfg.resolution, self.bg.to(dev)).cpu()
+        img = gan.render_labels(textures, labels, self.cfg.resolution, self.bg.to(dev)).cpu()
+        self._ema_cache = (key, img)
+        return img
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict:
