@@ -15,8 +15,6 @@ one target, nothing written to docs/).
 from __future__ import annotations
 
 import argparse
-import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,21 +23,12 @@ import torch
 
 import zoo  # noqa: F401  (registers the families)
 from zoo.slim.additivity import additivity_report, format_report
-from zoo.slim.measure import make_runner, measure_table, time_calls, torch_threads
+from zoo.slim.measure import measure_network, measure_table
 from zoo.slim.search import AlphaImportance, slim, start_arch
 from zoo.slim.space import EfficientFormerSpace, FormerArch
 from zoo.tables import results_file
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def measured_ms(space, arch, backend: str, reps: int) -> float:
-    from zoo.testing import randomize_
-
-    with torch_threads(1), tempfile.TemporaryDirectory() as tmp:
-        model = randomize_(space.build(arch).eval(), scale=0.1).reparameterize()
-        run = make_runner(model, (1, 3, space.img_size, space.img_size), backend, 1, Path(tmp), "m")
-        return statistics.median(time_calls(run, backend, 10, reps))
 
 
 def train(name_or_args: list[str]) -> dict:
@@ -81,7 +70,6 @@ def main() -> None:
 
     data = make_pattern_folder(out / "patterns", num_classes=4, train_per_class=16 if q else 48,
                                val_per_class=8 if q else 24, size=space.img_size, seed=3)
-    lut = out / "lut_torch.json"
     sn_epochs, ft_epochs = (1, 1) if q else (args.supernet_epochs, args.finetune_epochs)
     from zoo.cli.slim import _supernet_config
     from zoo.registry import create_model, register_model_config
@@ -124,7 +112,7 @@ def main() -> None:
         register_model_config(out / f"{name}.yaml")
         slim_best = train(["--model", name, "--data-dir", str(data), "--pretrained", str(out / f"{name}.safetensors"),
                            "--epochs", str(ft_epochs), "--output", str(out), "--experiment", name, *common])
-        ms = measured_ms(space, arch, "torch", 50)
+        ms = measure_network(space, arch, "torch", reps=50)
         # the uniform baseline: the width scale whose predicted latency is closest to the slimmed model's measured one
         l1 = (48, 96, 224, 448)
         grid = [uniform_arch(space, l1, (3, 2, 6, 4) if not q else (1, 1, 1, 1), 1, s)
@@ -136,7 +124,7 @@ def main() -> None:
         register_model_config(out / f"{bname}.yaml")
         base_best = train(["--model", bname, "--data-dir", str(data), "--epochs", str(ft_epochs), "--output", str(out),
                            "--experiment", bname, *common])
-        base_ms = measured_ms(space, base, "torch", 50)
+        base_ms = measure_network(space, base, "torch", reps=50)
         rows.append((frac, target, result.predicted_ms, ms, arch, slim_best["top1"], base, base_ms, base_best["top1"],
                      len(result.trajectory) - 1))
 

@@ -37,10 +37,11 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import LayerNorm2d, trunc_normal_
+from timm.layers import LayerNorm2d
 
 from zoo.errors import ConfigError
-from zoo.models.efficientformer import INPUT, Downsample, DistilledClassifier, MetaBlock1d, MetaBlock2d, Stem4, _PAPER, conv_grid
+from zoo.models.efficientformer import (INPUT, _PAPER, DistilledClassifier, Downsample, EfficientFormer, MetaBlock1d,
+                                         MetaBlock2d, Stem4, conv_grid)
 from zoo.models.image_model import image_cfg
 from zoo.registry import ModelCard, register_model
 
@@ -147,17 +148,10 @@ class EfficientFormerSupernet(DistilledClassifier, nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.distillation = distillation
         self._make_heads(num_classes)
-        self.apply(self._init_weights)
+        self.apply(EfficientFormer._init_weights)  # EfficientFormer's init, so extracted subnets start alike
         self.pretrained_cfg = image_cfg(INPUT, in_chans, img_size, num_classes, first_conv="stem.conv1",
                                         classifier=("head", "head_dist") if distillation else "head",
                                         fixed_input_size=True)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
 
     # -- the mixture ----------------------------------------------------------------------
 
@@ -241,8 +235,6 @@ class EfficientFormerSupernet(DistilledClassifier, nn.Module):
 
     def extract(self, widths: Sequence[int], kept: Sequence[Sequence[tuple[int, str]]], **kwargs) -> nn.Module:
         """The slimmed EfficientFormer with inherited weights (see `subnet_state_dict`)."""
-        from zoo.models.efficientformer import EfficientFormer
-
         num_vit = sum(c == "mb3d" for _, c in kept[3])
         model = EfficientFormer(img_size=self.img_size, in_chans=self.in_chans, num_classes=self.num_classes,
                                 depths=[len(k) for k in kept], embed_dims=list(widths), num_vit=num_vit,

@@ -45,7 +45,7 @@ import torch
 
 from zoo.errors import ConfigError, UnknownModelError, require
 
-__all__ = ["BenchmarkResult", "benchmark", "expand_names", "BACKENDS", "PEERS"]
+__all__ = ["BenchmarkResult", "benchmark", "expand_names", "call_timer", "quantile", "BACKENDS", "PEERS"]
 
 BACKENDS = ("torch", "onnxruntime", "cuda")
 PEERS = ("eager", "jit", "compile", "ort", "zoo-ort")
@@ -99,7 +99,8 @@ def expand_names(items: Sequence[str]) -> list[str]:
     return names
 
 
-def _quantile(ts: list[float], q: float) -> float:
+def quantile(ts: list[float], q: float) -> float:
+    """The `q` quantile of `ts` by nearest rank (no interpolation)."""
     s = sorted(ts)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
@@ -212,7 +213,9 @@ def _peer_runners(peers, peer, deployed, x, threads: int, folder: Path, name: st
     return out
 
 
-def _timer(backend: str):
+def call_timer(backend: str) -> Callable[[Callable[[], object]], float]:
+    """A function timing one call of a no-argument callable in ms: CUDA events on ``cuda``,
+    ``perf_counter`` otherwise."""
     if backend == "cuda":
         def timed(fn) -> float:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -277,7 +280,7 @@ def benchmark(
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
-    timed = _timer(backend)
+    timed = call_timer(backend)
     results = []
     with tempfile.TemporaryDirectory(prefix="zoo-bench-") as tmp:
         for name in names:
@@ -322,16 +325,16 @@ def benchmark(
             med = statistics.median(t_ours)
             r = BenchmarkResult(
                 model=name, backend=backend, batch_size=batch_size, img_size=size[-1], threads=threads,
-                dtype=dtype, params=params, macs=macs, median_ms=med, p90_ms=_quantile(t_ours, 0.9),
+                dtype=dtype, params=params, macs=macs, median_ms=med, p90_ms=quantile(t_ours, 0.9),
                 throughput=batch_size / med * 1e3,
             )
             if t_peer:
                 pm = statistics.median(t_peer)
-                r.peer, r.peer_median_ms, r.peer_p90_ms = "timm", pm, _quantile(t_peer, 0.9)
+                r.peer, r.peer_median_ms, r.peer_p90_ms = "timm", pm, quantile(t_peer, 0.9)
                 r.ratio, r.max_rel_diff = med / pm, diff
             for (kind, (fn, setup)), t in zip(extra.items(), times[2:]):
                 m = statistics.median(t)
-                r.others[kind] = {"median_ms": m, "p90_ms": _quantile(t, 0.9), "ratio": med / m, "setup_s": setup,
+                r.others[kind] = {"median_ms": m, "p90_ms": quantile(t, 0.9), "ratio": med / m, "setup_s": setup,
                                   "max_rel_diff": rel_err(fn().float().cpu(), reference)}
             results.append(r)
             if progress:

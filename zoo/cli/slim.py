@@ -188,7 +188,11 @@ def _cmd_slim(args) -> int:
         _save_weights(tuned, _state_dict(read_state_dict(out / "finetune" / "model_best.pth.tar")))
         config["weights"] = tuned.name
     if args.measure and table.provenance.get("backend") in ("torch", "onnxruntime", "cuda"):
-        config["latency"]["measured_ms"] = round(_measure(space, arch, table, args), 5)
+        from zoo.slim.measure import measure_network
+
+        ms = measure_network(space, arch, table.provenance["backend"], int(table.provenance.get("threads") or 1),
+                             reps=args.measure_reps)
+        config["latency"]["measured_ms"] = round(ms, 5)
         print(f"measured on {table.provenance['backend']}: {config['latency']['measured_ms']:.3f} ms "
               f"({config['latency']['measured_ms'] / args.target_ms - 1:+.1%} against the target)")
     with atomic_write(config_path, "w") as f:
@@ -236,23 +240,6 @@ def _state_dict(sd: dict) -> dict:
     import torch
 
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
-
-
-def _measure(space, arch, table, args) -> float:
-    """The slimmed network's own latency on the table's backend and threads (median)."""
-    import tempfile
-
-    import numpy as np
-
-    from zoo.slim.measure import make_runner, time_calls, torch_threads
-    from zoo.testing import randomize_
-
-    threads = int(table.provenance.get("threads") or 1)
-    backend = table.provenance["backend"]
-    with torch_threads(threads), tempfile.TemporaryDirectory() as tmp:
-        model = randomize_(space.build(arch).eval(), scale=0.1).reparameterize()
-        run = make_runner(model, (1, 3, space.img_size, space.img_size), backend, threads, Path(tmp), "slim")
-        return float(np.median(time_calls(run, backend, 10, args.measure_reps)))
 
 
 def _space_flags(s: argparse.ArgumentParser) -> None:

@@ -14,10 +14,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from zoo.errors import ConfigError, DataError
-from zoo.slim.measure import check_backend, interleaved, make_runner, torch_threads
+from zoo.slim.measure import check_backend, interleaved, network_runner, torch_threads
 from zoo.slim.table import LatencyTable
 
 __all__ = ["additivity_report", "fit_line", "format_report"]
@@ -36,8 +35,6 @@ def additivity_report(space, table: LatencyTable, num_archs: int = 8, seed: int 
     puts the fitted line into ``table.calibration``."""
     from scipy.stats import spearmanr
 
-    from zoo.testing import randomize_
-
     backend = table.provenance.get("backend")
     threads = int(table.provenance.get("threads") or 1)
     if backend not in ("torch", "onnxruntime", "cuda"):
@@ -51,12 +48,8 @@ def additivity_report(space, table: LatencyTable, num_archs: int = 8, seed: int 
         archs = [space.random_arch(rng) for _ in range(num_archs)]
     table.check_covers(k for a in archs for k in space.keys(a))
     with torch_threads(threads), tempfile.TemporaryDirectory(prefix="zoo-additivity-") as tmp:
-        runners = {}
-        for i, arch in enumerate(archs):
-            torch.manual_seed(i)
-            model = randomize_(space.build(arch).eval(), seed=i, scale=0.1).reparameterize()
-            runners[f"arch{i}"] = make_runner(model, (1, 3, space.img_size, space.img_size), backend, threads,
-                                              Path(tmp), f"arch{i}")
+        runners = {f"arch{i}": network_runner(space, arch, backend, threads, Path(tmp), f"arch{i}", seed=i)
+                   for i, arch in enumerate(archs)}
         times = interleaved(runners, backend, warmup, reps)
     measured = np.array([float(np.median(times[f"arch{i}"])) for i in range(len(archs))])
     summed = np.array([table.predict(space.keys(a), calibrated=False) for a in archs])

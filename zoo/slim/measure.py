@@ -19,17 +19,17 @@ import contextlib
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 
+from zoo.benchmark import call_timer, quantile
 from zoo.errors import ConfigError, require
 from zoo.slim.table import Entry
 
-__all__ = ["BACKENDS", "make_runner", "time_calls", "interleaved", "measure_blocks", "measure_table",
+__all__ = ["BACKENDS", "make_runner", "network_runner", "measure_network", "time_calls", "interleaved", "measure_blocks", "measure_table",
            "call_overhead", "backend_provenance", "summarize"]
 
 BACKENDS = ("torch", "onnxruntime", "cuda")
@@ -96,27 +96,27 @@ def warnings_quiet() -> Iterator[None]:
         yield
 
 
-def _timed(backend: str) -> Callable[[Callable[[], None]], float]:
-    if backend == "cuda":
-        def timed(fn) -> float:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        return timed
+def network_runner(space, arch, backend: str, threads: int, folder: Path, name: str = "net",
+                   seed: int = 0) -> Callable[[], None]:
+    """A runner of `arch`'s whole network in its deploy form (random weights from `seed`) on
+    one ``img_size`` image."""
+    from zoo.testing import randomize_
 
-    def timed(fn) -> float:
-        t = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t) * 1e3
-    return timed
+    model = randomize_(space.build(arch).eval(), seed=seed, scale=0.1).reparameterize()
+    return make_runner(model, (1, 3, space.img_size, space.img_size), backend, threads, folder, name)
+
+
+def measure_network(space, arch, backend: str, threads: int = 1, warmup: int = 10, reps: int = 50) -> float:
+    """Median latency (ms) of `arch`'s whole network on `backend` with `threads` threads."""
+    check_backend(backend, threads)
+    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="zoo-net-") as tmp:
+        return statistics.median(time_calls(network_runner(space, arch, backend, threads, Path(tmp)), backend,
+                                            warmup, reps))
 
 
 def time_calls(run: Callable[[], None], backend: str, warmup: int, reps: int) -> list[float]:
     """`warmup` untimed calls, then `reps` timed ones (ms each)."""
-    timed = _timed(backend)
+    timed = call_timer(backend)
     for _ in range(warmup):
         run()
     return [timed(run) for _ in range(reps)]
@@ -126,7 +126,7 @@ def interleaved(runners: dict[str, Callable[[], None]], backend: str, warmup: in
     """Time several runners in rounds, each round running every one once in an order that
     rotates, so a slow spell of the machine hits all alike. Each timed call follows an
     untimed one of the same runner (its data warm in the caches, as in a deployment)."""
-    timed = _timed(backend)
+    timed = call_timer(backend)
     names = list(runners)
     for name in names:
         for _ in range(warmup):
@@ -140,8 +140,7 @@ def interleaved(runners: dict[str, Callable[[], None]], backend: str, warmup: in
 
 
 def summarize(times: list[float]) -> Entry:
-    s = sorted(times)
-    return Entry(round(statistics.median(s), 6), round(s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))], 6), len(s))
+    return Entry(round(statistics.median(times), 6), round(quantile(times, 0.9), 6), len(times))
 
 
 def measure_blocks(space, keys: Iterable[str], backend: str = "torch", threads: int = 1, warmup: int = 5,

@@ -33,7 +33,7 @@ Choices the paper leaves open (documented in ``docs/slim.md``; the defaults):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
