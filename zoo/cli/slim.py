@@ -21,10 +21,14 @@ def space_from_args(args, table=None):
     if table is not None and table.provenance.get("space"):
         return family_space(table.family, **table.provenance["space"])
     kwargs = {"img_size": args.img_size, "num_classes": args.num_classes}
-    if args.max_widths:
-        kwargs["max_widths"] = tuple(args.max_widths)
-    if args.max_depths:
-        kwargs["max_depths"] = tuple(args.max_depths)
+    for flag, families in (("max_widths", None), ("max_depths", None), ("max_heads", ("efficientvit",)),
+                           ("max_ratio", ("efficientformerv2",)), ("max_vit", ("efficientformer", "efficientformerv2"))):
+        value = getattr(args, flag)
+        if value is None or value == []:
+            continue
+        if families and args.family not in families:
+            raise ConfigError(f"--{flag.replace('_', '-')} is for {' and '.join(families)}, not {args.family}.")
+        kwargs[flag] = tuple(value) if isinstance(value, list) else value
     return family_space(args.family, **kwargs)
 
 
@@ -108,12 +112,6 @@ def _train(argv: list[str]) -> dict:
 
 
 def _cmd_slim(args) -> int:
-    import yaml
-
-    from zoo.hub import read_state_dict
-    from zoo.io import atomic_write, atomic_write_json, sha256_file
-    from zoo.registry import create_model, register_model_config
-    from zoo.slim.search import AlphaImportance, slim, start_arch, trajectory_png
     from zoo.slim.table import LatencyTable
 
     table = LatencyTable.load(args.lut)
@@ -121,10 +119,27 @@ def _cmd_slim(args) -> int:
         raise DataError(f"{args.lut} holds {table.family} blocks, not {args.family}.")
     space = space_from_args(args, table)
     table.check_covers(space.all_keys())  # before any training
+    if args.importance is None:
+        args.importance = "alpha" if args.family == "efficientformer" else "accuracy"
+    if args.family != "efficientformer" and args.importance == "alpha":
+        raise ConfigError(f"--importance alpha needs EfficientFormer's supernet of paths; {args.family} is priced by "
+                          "the accuracy its inherited network measures on val/ (--importance accuracy, its default).")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     common = ["--batch-size", str(args.batch_size), "--workers", str(args.workers), "--seed", str(args.seed),
               "--img-size", str(space.img_size)] + (["--lr", str(args.lr)] if args.lr else [])
+    search = _search_supernet if args.family == "efficientformer" else _search_greedy
+    arch, arch_config, state, info, result = search(args, space, table, out, common)
+    name = args.name or f"{args.family}_slim_{args.target_ms:g}ms".replace(".", "p")
+    _finish(args, space, table, out, common, name, arch, arch_config, state, info, result)
+    return 0
+
+
+def _search_supernet(args, space, table, out: Path, common: list[str]):
+    """EfficientFormer: train (or load) the supernet, search on its alphas or measured accuracy."""
+    from zoo.registry import create_model, register_model_config
+    from zoo.slim.search import AlphaImportance, slim, start_arch
+
     if args.supernet:
         if not args.supernet_config:
             raise ConfigError("--supernet CKPT needs --supernet-config FILE (the model-config it was trained with).")
@@ -141,44 +156,117 @@ def _cmd_slim(args) -> int:
                 "--smoothing", "0.1", *common])
         ckpt = str(out / "supernet" / "last.pth.tar")
     supernet = create_model(sn_name)
-    supernet.load_state_dict(_state_dict(read_state_dict(Path(ckpt))))
+    supernet.load_state_dict(_checkpoint(ckpt))
     if tuple(supernet.embed_dims) != space.max_widths or tuple(supernet.depths) != space.max_depths:
         raise DataError(f"the supernet ({supernet.embed_dims}, {supernet.depths}) is not the table's space "
                         f"({space.max_widths}, {space.max_depths}): build the table for the supernet's size.")
     if args.importance == "accuracy":
         from zoo.slim.accuracy import AccuracyImportance
 
-        if not args.data_dir:
-            raise ConfigError("--importance accuracy measures on --data-dir's val/ images: give --data-dir.")
-        calib = [x for x, _ in _batches(args.data_dir, "train", space.img_size, args.batch_size, args.calib_batches)]
-        val = _batches(args.data_dir, "val", space.img_size, args.batch_size, None)
+        calib, val = _calib_val(args, space)
         importance = AccuracyImportance(supernet.eval(), calib, val, metric=args.importance_metric)
     else:
         importance = AlphaImportance.from_supernet(supernet)
     result = slim(space, table, importance, start_arch(importance, supernet.embed_dims), args.target_ms,
                   calibrated=not args.raw)
-    name = args.name or f"efficientformer_slim_{args.target_ms:g}ms".replace(".", "p")
-    atomic_write_json(out / "trajectory.json", {"target_ms": args.target_ms, "table": str(args.lut),
-                                                 "table_provenance": table.provenance, **result.to_json()})
+    state = supernet.extract(result.arch.widths, result.arch.kept).state_dict()
+    info = {"supernet": str(ckpt), "importance": args.importance}
+    arch = result.arch.former()
+    return arch, arch.to_config(), state, info, result
+
+
+def _search_greedy(args, space, table, out: Path, common: list[str]):
+    """EfficientViT / EfficientFormerV2: train (or load) the space's full network, then the
+    greedy search priced by the accuracy of inherited networks (`zoo.slim.greedy`)."""
+    from zoo.slim.accuracy import InheritedAccuracy, recalibrate_batchnorm
+    from zoo.slim.greedy import MES, greedy_slim, latency_floor
+
+    if not args.data_dir:
+        raise ConfigError(f"slimming {args.family} measures accuracy on --data-dir's val/ images: give --data-dir.")
+    floor = latency_floor(space, table, calibrated=not args.raw)
+    if floor > args.target_ms:  # before any training
+        raise DataError(f"{args.lut} predicts no architecture of this space under {args.target_ms:g} ms (the smallest "
+                        f"it reaches is about {floor:.4g} ms): choose a higher target or a smaller input size.")
+    if args.supernet:
+        ckpt = args.supernet
+    else:
+        cfg_path = _full_config(space, out)
+        from zoo.registry import register_model_config
+
+        name = register_model_config(cfg_path)
+        print(f"training the full network ({args.supernet_epochs} epochs) -> {out / 'full'}", file=sys.stderr)
+        _train(["--model", name, "--model-config", str(cfg_path), "--data-dir", args.data_dir,
+                "--epochs", str(args.supernet_epochs), "--output", str(out), "--experiment", "full",
+                "--smoothing", "0.1", *common])
+        ckpt = str(out / "full" / "last.pth.tar")
+    calib, val = _calib_val(args, space)
+    try:
+        oracle = InheritedAccuracy(space, _checkpoint(ckpt), calib, val, metric=args.importance_metric)
+    except RuntimeError as e:  # load_state_dict: another architecture's checkpoint
+        raise DataError(f"{ckpt} is not the full network of this search space ({space.describe()}): {e}") from None
+    mes = MES(ms_alpha=args.mes_alphas[0], params_alpha=args.mes_alphas[1])
+    result = greedy_slim(space, table, oracle, args.target_ms, efficiency=args.efficiency, mes=mes,
+                         calibrated=not args.raw)
+    model = recalibrate_batchnorm(oracle.inherit(result.arch), calib)
+    info = {"full_network": str(ckpt), "importance": "accuracy", "metric": args.importance_metric,
+            "efficiency": args.efficiency}
+    return result.arch, space.to_config(result.arch), model.state_dict(), info, result
+
+
+def _full_config(space, out: Path) -> Path:
+    """The model-config of the space's full network (where slimming starts)."""
+    import yaml
+
+    from zoo.io import atomic_write
+
+    cfg = {"name": f"{space.family}_slim_full", "base": space.base_model,
+           "config": {**space.to_config(space.full_arch()), "img_size": space.img_size,
+                      "num_classes": space.num_classes},
+           "description": "the full network of the latency table's search space"}
+    path = out / "full.yaml"
+    with atomic_write(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+    return path
+
+
+def _calib_val(args, space) -> tuple[list, list]:
+    if not args.data_dir:
+        raise ConfigError("--importance accuracy measures on --data-dir's val/ images: give --data-dir.")
+    calib = [x for x, _ in _batches(args.data_dir, "train", space, args.batch_size, args.calib_batches)]
+    return calib, _batches(args.data_dir, "val", space, args.batch_size, None)
+
+
+def _finish(args, space, table, out: Path, common, name, arch, arch_config, state, info, result) -> None:
+    """Write the trajectory, the inherited weights and the model-config; fine-tune; measure
+    `arch` (the space's architecture of the result) on the table's backend."""
+    import yaml
+
+    from zoo.hub import read_state_dict
+    from zoo.io import atomic_write, atomic_write_json, sha256_file
+    from zoo.registry import register_model_config
+    from zoo.slim.search import trajectory_png
+
+    atomic_write_json(out / "trajectory.json", {"family": space.family, "target_ms": args.target_ms,
+                                                 "table": str(args.lut), "table_provenance": table.provenance,
+                                                 **result.to_json()})
     trajectory_png(out / "trajectory.png", result)
-    slimmed = supernet.extract(result.arch.widths, result.arch.kept)
     weights = out / f"{name}_inherited.safetensors"
-    _save_weights(weights, slimmed.state_dict())
+    _save_weights(weights, state)
     latency = {"target_ms": args.target_ms, "predicted_ms": round(result.predicted_ms, 5), "table": str(args.lut),
                "table_sha256": sha256_file(args.lut), "table_provenance": table.describe(),
                "calibrated": bool(table.calibration) and not args.raw}
-    arch = result.arch.former()
-    config = {"name": name, "base": "efficientformer_l1",
-              "config": {**arch.to_config(), "img_size": space.img_size, "num_classes": space.num_classes},
-              "weights": weights.name, "latency": latency, "search": {"steps": len(result.trajectory) - 1,
-                                                                     "supernet": str(ckpt),
-                                                                     "importance": args.importance},
-              "description": f"EfficientFormer slimmed to {args.target_ms:g} ms on {table.describe()}"}
+    config = {"name": name, "base": space.base_model,
+              "config": {**arch_config, "img_size": space.img_size, "num_classes": space.num_classes},
+              "weights": weights.name, "latency": latency,
+              "search": {"steps": len(result.trajectory) - 1, **info},
+              "description": f"{space.family} slimmed to {args.target_ms:g} ms on {table.describe()}"}
     config_path = out / f"{name}.yaml"
     with atomic_write(config_path, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
-    print(f"slimmed in {len(result.trajectory) - 1} steps: widths {list(arch.widths)}, depths {list(arch.depths)}, "
-          f"num_vit {arch.num_vit}; predicted {result.predicted_ms:.3f} ms (target {args.target_ms:g})")
+    shape = ", ".join(f"{k} {v}" for k, v in arch_config.items() if k in ("embed_dims", "embed_dim", "depths", "depth",
+                                                                          "num_heads", "num_vit", "mlp_ratios"))
+    print(f"slimmed in {len(result.trajectory) - 1} steps: {shape}; predicted {result.predicted_ms:.3f} ms "
+          f"(target {args.target_ms:g})")
     if args.finetune_epochs:
         register_model_config(config_path)
         _train(["--model", name, "--model-config", str(config_path), "--data-dir", args.data_dir,
@@ -199,22 +287,24 @@ def _cmd_slim(args) -> int:
         yaml.safe_dump(config, f, sort_keys=False)
     register_model_config(config_path)
     print(f"wrote {config_path} (use it with --model-config), {out / 'trajectory.json'}, {out / 'trajectory.png'}")
-    return 0
 
 
-def _batches(data_dir: str, split: str, size: int, batch_size: int, limit: int | None) -> list:
-    """``(images, labels)`` batches of an ImageFolder split through EfficientFormer's eval
-    transform at `size` (at most `limit` batches)."""
+def _checkpoint(path: str) -> dict:
+    from zoo.hub import read_state_dict
+
+    return _state_dict(read_state_dict(Path(path)))
+
+
+def _batches(data_dir: str, split: str, space, batch_size: int, limit: int | None) -> list:
+    """``(images, labels)`` batches of an ImageFolder split through the family's eval
+    transform at the space's input size (at most `limit` batches)."""
     import torch
-    from timm.data import create_transform
 
-    from zoo.data.images import ImageFolder
+    from zoo.data.images import ImageFolder, eval_transform
     from zoo.registry import model_card
 
-    spec = model_card("efficientformer_l1").input
     data = ImageFolder(data_dir, split)
-    data.transform = create_transform((3, size, size), is_training=False, interpolation=spec.interpolation,
-                                      mean=spec.mean, std=spec.std, crop_pct=spec.crop_pct)
+    data.transform = eval_transform(model_card(space.base_model).input, space.img_size)
     g = torch.Generator().manual_seed(0)
     order = torch.randperm(len(data), generator=g).tolist() if split == "train" else list(range(len(data)))
     out = []
@@ -243,11 +333,18 @@ def _state_dict(sd: dict) -> dict:
 
 
 def _space_flags(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--family", default="efficientformer", choices=("efficientformer",))
+    from zoo.slim.space import FAMILY_NAMES
+
+    s.add_argument("--family", default="efficientformer", choices=FAMILY_NAMES)
     s.add_argument("--img-size", type=int, default=224)
     s.add_argument("--num-classes", type=int, default=1000)
-    s.add_argument("--max-widths", type=int, nargs=4, default=None, help="the supernet's widths (default L7's)")
-    s.add_argument("--max-depths", type=int, nargs=4, default=None, help="the supernet's slots per stage (default L7's)")
+    s.add_argument("--max-widths", type=int, nargs="+", default=None,
+                   help="the full network's widths per stage (default: EfficientFormer L7, EfficientFormerV2 S1, EfficientViT M5)")
+    s.add_argument("--max-depths", type=int, nargs="+", default=None,
+                   help="the full network's blocks (EfficientFormer: supernet slots) per stage")
+    s.add_argument("--max-heads", type=int, nargs="+", default=None, help="efficientvit: heads per stage")
+    s.add_argument("--max-ratio", type=int, default=None, help="efficientformerv2: the largest FFN ratio")
+    s.add_argument("--max-vit", type=int, default=None, help="attention blocks at most (EfficientFormer V1 and V2)")
 
 
 def register(sub) -> None:
@@ -271,23 +368,31 @@ def register(sub) -> None:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_latency_table)
 
-    s = sub.add_parser("slim", help="latency-driven slimming: supernet, search to --target-ms, fine-tune")
+    s = sub.add_parser("slim", help="latency-driven slimming: supernet or full network, search to --target-ms, fine-tune")
     _space_flags(s)
     s.add_argument("--target-ms", type=float, required=True)
     s.add_argument("--lut", required=True, help="a latency table (zoo latency-table)")
     s.add_argument("--data-dir", default="", help="ImageFolder with train/ and val/ (supernet training, fine-tuning)")
     s.add_argument("--out", required=True)
     s.add_argument("--name", default="", help="the slimmed model's name (default efficientformer_slim_<T>ms)")
-    s.add_argument("--supernet", default="", help="a trained supernet checkpoint (skips its training)")
+    s.add_argument("--supernet", default="",
+                   help="a trained supernet (efficientformer) or full-network (efficientvit, efficientformerv2) "
+                        "checkpoint: skips its training")
     s.add_argument("--supernet-config", default="", help="the model-config the --supernet was trained with")
-    s.add_argument("--supernet-epochs", type=int, default=10)
+    s.add_argument("--supernet-epochs", type=int, default=10, help="epochs of the supernet / full network")
     s.add_argument("--finetune-epochs", type=int, default=0)
     s.add_argument("--noise", default="uniform", choices=("uniform", "gumbel", "none"))
     s.add_argument("--tau-start", type=float, default=5.0)
     s.add_argument("--tau-end", type=float, default=0.5)
     s.add_argument("--raw", action="store_true", help="search on the table's raw sums, not its calibration")
-    s.add_argument("--importance", choices=("alpha", "accuracy"), default="alpha",
-                   help="price actions by the supernet's alphas, or by the accuracy drop measured on val/")
+    s.add_argument("--importance", choices=("alpha", "accuracy"), default=None,
+                   help="price actions by the supernet's alphas (efficientformer's default), or by the accuracy "
+                        "drop measured on val/ (the only one for the other families)")
+    s.add_argument("--efficiency", choices=("ms", "mes"), default="ms",
+                   help="efficientvit / efficientformerv2: accuracy lost per ms saved, or per unit of "
+                        "EfficientFormerV2's Mean Efficiency Score gained (latency and parameters)")
+    s.add_argument("--mes-alphas", type=float, nargs=2, default=(0.5, 0.5), metavar=("LATENCY", "PARAMS"),
+                   help="the MES weights of latency and parameters")
     s.add_argument("--importance-metric", choices=("loss", "top1"), default="loss",
                    help="with --importance accuracy: validation loss (smooth) or top-1 (the paper's)")
     s.add_argument("--calib-batches", type=int, default=4, help="training batches for BatchNorm re-estimation")

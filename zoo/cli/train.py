@@ -231,15 +231,13 @@ def add_validate_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_validate(args: argparse.Namespace) -> dict:
     """Top-1/top-5 of a checkpoint on ``data_dir/split`` (and of its deploy form with --reparam)."""
-    from timm.data import create_transform, resolve_data_config
-
     from zoo.cli.models import apply_model_config
 
     from zoo.export import reparameterize
     from zoo.hub import read_state_dict
     from zoo.registry import model_card
     from zoo.train.classification import build_classifier, check_checkpoint_arch, evaluate_classifier
-    from zoo.data.images import ImageFolder
+    from zoo.data.images import ImageFolder, eval_transform
     from zoo.train.engine import Dist
 
     apply_model_config(args, "model")
@@ -251,12 +249,7 @@ def run_validate(args: argparse.Namespace) -> dict:
     from zoo.hub import load_weights
 
     load_weights(model, sd, card.layouts, None, (), origin=args.checkpoint)  # no head reset: classes must match
-    size = args.img_size or card.input.shape[-1]
-    pcfg = {"input_size": (3, size, size), "mean": card.input.mean, "std": card.input.std,
-            "crop_pct": card.input.crop_pct, "interpolation": card.input.interpolation}
-    dc = resolve_data_config({}, pretrained_cfg=pcfg)
-    data.transform = create_transform(dc["input_size"], is_training=False, interpolation=dc["interpolation"],
-                                      mean=dc["mean"], std=dc["std"], crop_pct=dc["crop_pct"])
+    data.transform = eval_transform(card.input, args.img_size)
     env = Dist()
     result = {"model": args.model, "checkpoint": args.checkpoint, "images": len(data), **evaluate_classifier(
         model, data, args.batch_size, args.workers, env)}

@@ -15,7 +15,7 @@ from PIL import Image
 
 from zoo.errors import DataError
 
-__all__ = ["ImageFolder", "scan_split"]
+__all__ = ["ImageFolder", "scan_split", "eval_transform", "image_files"]
 
 try:  # timm's list of extensions, so zoo and timm see the same files
     from timm.data.readers.img_extensions import get_img_extensions
@@ -92,3 +92,35 @@ class ImageFolder(torch.utils.data.Dataset):
                 continue
             return (self.transform(img) if self.transform else img), target, step
         raise DataError(f"no image in {self.root / self.split} can be decoded.")
+
+
+def eval_transform(spec, size: int | None = None) -> Callable:
+    """timm's evaluation transform for a model's input `spec` (a card's ``InputSpec``: mean,
+    std, crop_pct, interpolation) at a square `size` (default the spec's): resize, centre crop,
+    tensor, normalise. The one transform validation, slimming and quantization calibrate with."""
+    from timm.data import create_transform, resolve_data_config
+
+    size = size or spec.shape[-1]
+    pcfg = {"input_size": (3, size, size), "mean": spec.mean, "std": spec.std, "crop_pct": spec.crop_pct,
+            "interpolation": spec.interpolation}
+    dc = resolve_data_config({}, pretrained_cfg=pcfg)
+    return create_transform(dc["input_size"], is_training=False, interpolation=dc["interpolation"], mean=dc["mean"],
+                            std=dc["std"], crop_pct=dc["crop_pct"])
+
+
+def image_files(folder: str | Path, what: str = "images") -> tuple[list[Path], list[int] | None]:
+    """Every image under `folder` (recursively, sorted) and, when the folder is laid out as
+    class folders (every image one level down, at least two folders), their class indices in
+    sorted folder order; else ``None``. An ImageFolder root (``train/``, ``val/``) counts as a
+    flat set. A missing or image-less folder is a `DataError` naming `what` it was for."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{what}: {folder} is not a folder (give a folder of images, or an ImageFolder).")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    if not files:
+        raise DataError(f"{what}: {folder} holds no images ({', '.join(sorted(IMG_EXTENSIONS))}).")
+    parents = sorted({p.parent for p in files})
+    if len(parents) >= 2 and all(p.parent == folder for p in parents):
+        index = {p: i for i, p in enumerate(parents)}
+        return files, [index[p.parent] for p in files]
+    return files, None

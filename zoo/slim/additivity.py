@@ -81,11 +81,12 @@ def additivity_report(space, table: LatencyTable, num_archs: int = 8, seed: int 
 
 def format_report(report: dict) -> str:
     """The report as a markdown table and a summary line."""
-    lines = ["| arch (widths / depths / num_vit) | measured ms | table sum ms | error | calibrated ms | error |",
+    third = "heads" if report["rows"] and "heads" in report["rows"][0]["arch"] else "num_vit"
+    lines = [f"| arch (widths / depths / {third}) | measured ms | table sum ms | error | calibrated ms | error |",
              "|---|---|---|---|---|---|"]
     for r in report["rows"]:
         a = r["arch"]
-        lines.append(f"| {a['widths']} / {a['depths']} / {a['num_vit']} | {r['measured_ms']:.3f} | "
+        lines.append(f"| {a['widths']} / {a['depths']} / {a[third]} | {r['measured_ms']:.3f} | "
                      f"{r['table_sum_ms']:.3f} | {r['raw_error']:+.1%} | {r['calibrated_ms']:.3f} | "
                      f"{r['calibrated_error']:+.1%} |")
     lines += ["", f"{report['num_archs']} random architectures, {report['backend']}, {report['threads']} thread(s), "

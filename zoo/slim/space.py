@@ -18,7 +18,6 @@ layer scales folded, the two classifiers merged), since that is what a deploymen
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
@@ -26,29 +25,9 @@ import torch
 import torch.nn as nn
 
 from zoo.errors import ConfigError, DataError
+from zoo.slim.keys import parse_key
 
-__all__ = ["FormerArch", "EfficientFormerSpace", "family_space", "FAMILIES", "parse_key"]
-
-_FIELD = re.compile(r"^([a-z])(\d+)$")
-
-
-def parse_key(key: str, kinds: dict[str, tuple[str, ...]], where: str = "") -> tuple[str, dict[str, int]]:
-    """``"mb4d.c96.r28.e4"`` -> ``("mb4d", {"c": 96, "r": 28, "e": 4})``, checked against `kinds`
-    (kind -> its field letters in order)."""
-    kind, *rest = str(key).split(".")
-    fields = {}
-    for part in rest:
-        m = _FIELD.match(part)
-        if not m:
-            break
-        fields[m.group(1)] = int(m.group(2))
-    else:
-        if kind in kinds and tuple(fields) == kinds[kind]:
-            return kind, fields
-    known = ", ".join(f"{k}." + ".".join(f"{f}N" for f in v) for k, v in kinds.items())
-    raise DataError(f"{where + ': ' if where else ''}{key!r} is not a block of this family (its keys are {known}); "
-                    "a table measured for another family cannot be used here.")
-
+__all__ = ["FormerArch", "EfficientFormerSpace", "family_space", "FAMILY_NAMES", "parse_key"]
 
 @dataclass(frozen=True)
 class FormerArch:
@@ -77,6 +56,7 @@ class EfficientFormerSpace:
     """
 
     family = "efficientformer"
+    base_model = "efficientformer_l1"  # the registered model a slimmed architecture's config is based on
     kinds = {"stem": ("i", "c", "r"), "down": ("i", "c", "r"), "mb4d": ("c", "r", "e"), "flat": ("c", "r"),
              "mb3d": ("c", "r", "e"), "head": ("c", "r", "t", "n")}
 
@@ -211,13 +191,22 @@ class _Head(nn.Module):
         return self.head(x.mean(dim=1) if self.tokens else x.mean(dim=(2, 3)))
 
 
-FAMILIES = {"efficientformer": EfficientFormerSpace}
+def _families() -> dict:
+    from zoo.slim.space_v2 import EfficientFormerV2Space
+    from zoo.slim.space_vit import EfficientVitSpace
+
+    return {"efficientformer": EfficientFormerSpace, "efficientformerv2": EfficientFormerV2Space,
+            "efficientvit": EfficientVitSpace}
+
+
+FAMILY_NAMES = ("efficientformer", "efficientformerv2", "efficientvit")
 
 
 def family_space(family: str, where: str = "", **kwargs):
     """The search space class's instance for `family` (kwargs: its size arguments)."""
     try:
-        return FAMILIES[family](**kwargs)
+        cls = _families()[family]
     except KeyError:
         raise DataError(f"{where + ': ' if where else ''}no search space for family {family!r}; "
-                        f"zoo slims {', '.join(FAMILIES)}.") from None
+                        f"zoo slims {', '.join(FAMILY_NAMES)}.") from None
+    return cls(**kwargs)

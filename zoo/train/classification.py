@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from zoo.errors import ConfigError, WeightsError
 from zoo.metrics.classification import classification_sums, summarize
-from zoo.data.images import ImageFolder
+from zoo.data.images import ImageFolder, eval_transform
 from zoo.train.engine import Dist, epoch_loader
 
 __all__ = ["ClassificationConfig", "ClassificationTask", "build_classifier"]
@@ -152,9 +152,7 @@ class ClassificationTask:
         self.train_set.transform = create_transform(
             data_cfg["input_size"], is_training=True, interpolation=data_cfg["interpolation"], mean=data_cfg["mean"],
             std=data_cfg["std"], hflip=cfg.hflip, color_jitter=cfg.color_jitter, scale=cfg.scale)
-        self.val_set.transform = create_transform(
-            data_cfg["input_size"], is_training=False, interpolation=data_cfg["interpolation"], mean=data_cfg["mean"],
-            std=data_cfg["std"], crop_pct=data_cfg["crop_pct"])
+        self.val_set.transform = eval_transform(card.input, size)
 
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
