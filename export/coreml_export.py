@@ -42,6 +42,7 @@ from zoo.export.target import ExportTarget, prepare_target
 __all__ = ["to_coreml", "import_coremltools"]
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+COMPRESSED_TOLERANCE = 5e-2  # int8 or palettized weights, relative to torch's fp32 outputs
 COMPUTE_OPS = ("conv", "matmul", "linear", "conv_transpose", "einsum")
 
 
@@ -97,6 +98,8 @@ def to_coreml(
     image_input: bool = True,
     class_labels: Sequence[str] | str | Path | None = None,
     minimum_target: str = "iOS16",
+    quantize: str | None = None,
+    palettize: int | None = None,
     verify: bool = True,
     reparam: bool = True,
     verbose: bool = True,
@@ -112,6 +115,12 @@ def to_coreml(
         inside (see the module docstring); ``False`` takes the normalised float tensor.
     class_labels: a list of labels, or a text file with one per line; makes a classifier.
     minimum_target: ``iOS15`` or newer (ML programs need it).
+    quantize: ``"int8"``: weights stored as per-channel symmetric int8
+        (``coremltools.optimize.coreml.linear_quantize_weights``; no data needed).
+    palettize: 4, 6 or 8: weights stored as a per-tensor k-means palette of that many bits
+        (``palettize_weights``). Either compresses the stored weights only: compute stays at
+        `precision`, and the report gives the compressed and the uncompressed package sizes.
+        Both need iOS16 or newer.
 
     The package appears at `path` only after every check passed. Returns an `ExportReport`.
     """
@@ -127,11 +136,15 @@ def to_coreml(
     if path.suffix != ".mlpackage":
         raise ConfigError(f"CoreML ML programs are saved as .mlpackage folders; got {path}.")
     labels = _read_labels(class_labels)
+    compression = check_compression(quantize, palettize)
+    if compression and target_enum.value < ct.target.iOS16.value:
+        raise ConfigError(f"compressed CoreML weights need iOS16 or newer (got {minimum_target}).")
     start = time.perf_counter()
     stage = make_stage(path.parent)
     try:
         target = prepare_target(model, pretrained=pretrained, input_shape=input_shape, reparam=reparam)
-        report = _export(ct, target, stage / path.name, precision, image_input, labels, target_enum, minimum_target)
+        report = _export(ct, target, stage / path.name, precision, image_input, labels, target_enum, minimum_target,
+                         compression)
         if verify and sys.platform == "darwin":
             _compare_on_macos(ct, target, stage / path.name, report, image_input, labels)
         else:
@@ -142,6 +155,40 @@ def to_coreml(
         shutil.rmtree(stage, ignore_errors=True)
     report.seconds = time.perf_counter() - start
     return report
+
+
+COMPRESSED_WEIGHT_OPS = ("constexpr_affine_dequantize", "constexpr_lut_to_dense", "constexpr_blockwise_shift_scale")
+PALETTE_BITS = (4, 6, 8)
+
+
+def check_compression(quantize: str | None, palettize: int | None) -> str | None:
+    """``"int8"``, ``"palette<N>"`` or ``None``; a `ConfigError` for anything else, before any work."""
+    if quantize not in (None, "int8"):
+        raise ConfigError(f"CoreML weight quantization is int8 (--quantize int8), not {quantize!r}.")
+    if palettize is not None and palettize not in PALETTE_BITS:
+        raise ConfigError(f"--palettize takes {', '.join(map(str, PALETTE_BITS))} bits, not {palettize!r}.")
+    if quantize and palettize:
+        raise ConfigError("give --quantize int8 or --palettize N, not both.")
+    return "int8" if quantize else f"palette{palettize}" if palettize else None
+
+
+def _compress(ct, ml, compression: str):
+    """`ml` with its weights stored compressed (`to_coreml`'s quantize / palettize)."""
+    from coremltools.optimize import coreml as opt
+
+    if compression != "int8":
+        require("sklearn", "export", "k-means palettization of CoreML weights")
+    if compression == "int8":
+        config = opt.OptimizationConfig(global_config=opt.OpLinearQuantizerConfig(mode="linear_symmetric",
+                                                                                 dtype="int8"))
+        return opt.linear_quantize_weights(ml, config=config)
+    config = opt.OptimizationConfig(global_config=opt.OpPalettizerConfig(mode="kmeans",
+                                                                        nbits=int(compression[len("palette"):])))
+    return opt.palettize_weights(ml, config=config)
+
+
+def _package_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def _read_labels(class_labels) -> list[str] | None:
@@ -160,7 +207,7 @@ def _read_labels(class_labels) -> list[str] | None:
 
 
 def _export(ct, target: ExportTarget, path: Path, precision: str, image_input: bool, labels, target_enum,
-            target_name: str) -> ExportReport:
+            target_name: str, compression: str | None = None) -> ExportReport:
     if image_input and not target.is_image:
         raise ConfigError(f"{target.name} does not take a normalised image; export it with image_input=False.")
     x = target.inputs
@@ -194,11 +241,50 @@ def _export(ct, target: ExportTarget, path: Path, precision: str, image_input: b
         msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
         raise ExportError(f"coremltools could not convert {target.name}: {msg}") from None
     _set_metadata(ml, target, precision, image_input)
-    with warnings.catch_warnings(), _quiet_logging():
+    plain_bytes = None
+    with warnings.catch_warnings(), _quiet_logging(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
+        if compression:
+            plain = path.with_name(path.stem + ".uncompressed.mlpackage")
+            ml.save(str(plain))
+            plain_bytes = _package_bytes(plain)
+            shutil.rmtree(plain)
+            try:
+                ml = _compress(ct, ml, compression)
+            except Exception as e:  # noqa: BLE001
+                raise ExportError(f"coremltools could not compress {target.name}'s weights ({compression}): {e}") from None
+            ml.user_defined_metadata["com.zoo.weights"] = compression
         ml.save(str(path))
         spec = ct.utils.load_spec(str(path))  # what was written, not what is in memory
-    return _structural_report(ct, spec, target, path, ref, precision, image_input, labels, target_enum, target_name)
+    report = _structural_report(ct, spec, target, path, ref, precision, image_input, labels, target_enum, target_name)
+    if compression:
+        _check_compressed(spec, report, compression, plain_bytes, _package_bytes(path))
+    return report
+
+
+def _check_compressed(spec, report: ExportReport, compression: str, plain_bytes: int, packed_bytes: int) -> None:
+    """Every conv / linear / matmul weight constant is stored compressed, and the package shrank."""
+    block = block_of(spec)
+    produced = {o.name: op.type for op in block.operations for o in op.outputs}
+    weights_from = collections.Counter()
+    for op in block.operations:
+        if op.type in ("conv", "linear", "conv_transpose"):
+            arg = op.inputs.get("weight")
+            src = arg.arguments[0].name if arg is not None and arg.arguments and arg.arguments[0].name else None
+            weights_from[produced.get(src, "const")] += 1
+    compressed = sum(n for t, n in weights_from.items() if t in COMPRESSED_WEIGHT_OPS)
+    problems = []
+    if not compressed:
+        problems.append(f"no conv/linear weight is stored compressed (weights come from {dict(weights_from)})")
+    if packed_bytes >= plain_bytes:
+        problems.append(f"the package did not shrink ({packed_bytes} bytes, {plain_bytes} uncompressed)")
+    if problems:
+        raise ExportError(f"the {compression} CoreML package for {report.model} fails its checks: " + "; ".join(problems))
+    report.details.update(weights=compression, weight_sources=dict(weights_from),
+                          compressed_weight_ops=compressed, package_bytes=packed_bytes,
+                          uncompressed_package_bytes=plain_bytes, size_ratio=round(packed_bytes / plain_bytes, 4))
+    report.checks.append(f"{compression} weights: {compressed} of {sum(weights_from.values())} conv/linear weights "
+                         f"stored compressed; package {packed_bytes / plain_bytes:.2f}x the uncompressed one")
 
 
 def _drop_aliases(program):
@@ -404,4 +490,6 @@ def _compare_on_macos(ct, target, path, report, image_input, labels) -> None:  #
         refs = [torch.softmax(refs[0], -1)]
     else:
         got = [out[n] for n in target.output_names]
-    report.comparisons.append(compare(got, [r.numpy() for r in refs], shape[0], TOLERANCE[report.precision]))
+    # compressed weights move every output a little more than fp16 compute alone
+    tol = COMPRESSED_TOLERANCE if report.details.get("weights") else TOLERANCE[report.precision]
+    report.comparisons.append(compare(got, [r.numpy() for r in refs], shape[0], tol))

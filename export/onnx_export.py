@@ -10,6 +10,11 @@ Decisions, and the traps they avoid (measured with torch 2.14, onnx 1.23, onnxru
 - **Opsets.** The dynamo exporter cannot write below opset 18 (asked for 17 it silently
   writes 18 and tries a version converter that fails on our graphs), so an opset it cannot
   produce is refused up front; the TorchScript exporter covers 7–20.
+- **Opset 20 by default**: from opset 20 GELU is one ``Gelu`` op, which onnxruntime runs as
+  one fused kernel; below 20 the exporters decompose it into Erf, Div, Mul and Add, which
+  onnxruntime's fusion does not match in the dynamo exporter's form (EfficientFormer's MLPs
+  then cost several passes over their widest tensors). Runtimes older than opset 20 take
+  ``opset=18`` (dynamo) or lower (TorchScript exporter).
 - **Dynamic batch.** Traced with a batch-1 example, the dynamo exporter specialises the
   batch to 1 even when the axis is marked dynamic, so a dynamic export is traced at batch 2,
   and the written file is checked to have a symbolic batch dimension.
@@ -56,7 +61,7 @@ def to_onnx(
     *,
     pretrained=None,
     input_shape=None,
-    opset: int = 18,
+    opset: int = 20,
     dynamic_batch: bool = True,
     exporter: str = "auto",
     fp16: bool = False,

@@ -416,6 +416,11 @@ class EfficientFormer(DistilledClassifier, nn.Module):
     ``[B, N, embed_dims[-1]]`` normalised tokens when ``num_vit > 0``, else ``[B, C, H, W]``.
     """
 
+    # int8 ONNX (zoo.export.quantize_onnx): every convolution and matrix product with
+    # per-channel weights; norms, GELU and softmax stay float
+    int8_rule = {"op_types": ("Conv", "MatMul", "Gemm"),
+                 "note": "convolutions and matrix products; norms, GELU and softmax float"}
+
     def __init__(
         self,
         img_size: int = 224,

@@ -465,6 +465,11 @@ class EfficientVit(ImageModel, nn.Module):
     ``[B, embed_dim[-1], R, R]`` with ``R`` the last stage's grid (4 at 224).
     """
 
+    # int8 ONNX: its layers are so narrow that a quantize/dequantize pass costs about what the
+    # int8 arithmetic saves; only the widest products are quantized, depthwise convs stay float
+    int8_rule = {"op_types": ("Conv", "MatMul", "Gemm"), "float_depthwise": True, "min_weights": 32768,
+                 "note": "only convolutions and products with at least 32768 weights; depthwise float"}
+
     def __init__(
         self,
         img_size: int = 224,

@@ -60,7 +60,7 @@ def test_to_onnx_report_describes_the_written_file(tmp_path):
                                                            "sha256": sha256_file(path)}]
     assert report.inputs == [{"name": "image", "shape": ["batch", 3, 64, 64], "dtype": "float32"}]
     assert report.outputs == [{"name": "logits", "shape": ["batch", 1000], "dtype": "float32"}]
-    assert report.details["opset"] == 18 and report.details["exporter"] == "dynamo"
+    assert report.details["opset"] == 20 and report.details["exporter"] == "dynamo"
     assert report.reparameterized and report.verified
     assert [(c.batch_size, c.tolerance) for c in report.comparisons] == [(1, 1e-4), (3, 1e-4)]
     proto = onnx.load(str(path))

@@ -7,9 +7,9 @@ This is the harness every performance figure in the README comes from. For each 
   same random weights (timm's init, BatchNorm statistics randomised, loaded into both), so
   the two outputs are checked to agree before anything is timed.
 
-Backends: ``torch`` (eager, ``torch.inference_mode``, CPU), ``onnxruntime`` (each model
-exported with `zoo.export.to_onnx` (timm's as-is, zoo's deploy form) and run by the CPU
-execution provider with the same thread count) and ``cuda`` (eager on the GPU, optional
+Backends: ``torch`` (eager, ``torch.inference_mode``, CPU), ``onnxruntime`` (zoo's model as
+``zoo export`` writes it, timm's as the ``ort`` peer below, run by the CPU execution provider
+with the same thread count) and ``cuda`` (eager on the GPU, optional
 fp16/bf16 weights and channels-last; timed with CUDA events).
 
 Peers beyond timm eager (``peers=``, CPU torch backend, with ``compare="timm"``): what a
@@ -19,8 +19,15 @@ and checked against zoo's output before timing:
 - ``jit``: ``torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model)))``;
 - ``compile``: ``torch.compile`` with inductor's ``freezing`` (needs a C++ compiler; the
   compile time is reported apart, in ``setup_s``);
-- ``ort``: onnxruntime on timm's model exported by `zoo.export.to_onnx`;
-- ``zoo-ort``: onnxruntime on zoo's deploy form, so every figure of a row is from one run.
+- ``ort``: onnxruntime on timm's model as a user exports it: ``torch.onnx.export``'s
+  TorchScript exporter, opset 17, static batch 1;
+- ``zoo-ort``: onnxruntime on what ``zoo export NAME --format onnx`` writes with its default
+  flags (the deploy form, dynamo exporter, opset 18, dynamic batch);
+- ``zoo-int8``: onnxruntime on that file quantized to int8 with the model's rule
+  (`zoo.export.quantize_onnx`), calibrated on random images (speed does not depend on them;
+  its top-1 agreement with fp32 is measured by ``zoo export --quantize int8`` on real images).
+
+Every figure of a row is from one run; ONNX peers also report their file's size.
 
 Timing: `warmup` calls each, then `reps` rounds; in each round every runner runs once, the
 order rotating from round to round, so machine noise hits all alike. With more than two
@@ -48,7 +55,7 @@ from zoo.errors import ConfigError, UnknownModelError, require
 __all__ = ["BenchmarkResult", "benchmark", "expand_names", "call_timer", "quantile", "BACKENDS", "PEERS"]
 
 BACKENDS = ("torch", "onnxruntime", "cuda")
-PEERS = ("eager", "jit", "compile", "ort", "zoo-ort")
+PEERS = ("eager", "jit", "compile", "ort", "zoo-ort", "zoo-int8")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -143,19 +150,48 @@ def _torch_runner(model, x, device: str, dtype: str, channels_last: bool) -> Cal
     return run
 
 
-def _ort_runner(model, x, threads: int, folder: Path, tag: str, reparam: bool) -> Callable:
+def _ort_runner(model, x, threads: int, folder: Path, tag: str, reparam: bool, exporter: str = "auto",
+               opset: int = 20, dynamic: bool = False, path: Path | None = None) -> Callable:
+    """A runner of `model` exported to ONNX (or of the file at `path`) in onnxruntime; the
+    runner's ``onnx_path`` is the file it runs."""
     ort = require("onnxruntime", "export", "the onnxruntime backend")
 
     from zoo.export import to_onnx
 
-    path = folder / f"{tag}.onnx"
-    to_onnx(model, path, input_shape=tuple(x.shape), dynamic_batch=False, reparam=reparam, verbose=False)
+    if path is None:
+        path = folder / f"{tag}.onnx"
+        to_onnx(model, path, input_shape=tuple(x.shape), dynamic_batch=dynamic, reparam=reparam, exporter=exporter,
+                opset=opset, verbose=False)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: x.numpy()}
-    return lambda: torch.from_numpy(sess.run(None, feed)[0])
+
+    def run():
+        return torch.from_numpy(sess.run(None, feed)[0])
+
+    run.onnx_path = path
+    return run
+
+
+def _int8_runner(deployed, x, threads: int, folder: Path, name: str) -> Callable:
+    """onnxruntime on zoo's default export quantized with the model's int8 rule."""
+    import numpy as np
+
+    from zoo.export import QuantRule, quantize_onnx
+    from zoo.registry import model_card
+
+    fp32 = _ort_runner(deployed, x, threads, folder, f"{name}-zoo-int8-src", reparam=False, dynamic=True).onnx_path
+    rng = np.random.default_rng(0)
+    shape = (1, *x.shape[1:])
+    calib = [rng.standard_normal(shape).astype(np.float32) for _ in range(32)]
+    val = [rng.standard_normal(shape).astype(np.float32) for _ in range(8)]
+    rule = QuantRule.from_model(getattr(model_card(name).builder, "int8_rule", None))
+    report = quantize_onnx(fp32, folder / f"{name}-zoo-int8.onnx", calib, val, rule=rule, min_agreement=0.0)
+    run = _ort_runner(None, x, threads, folder, "", reparam=False, path=folder / f"{name}-zoo-int8.onnx")
+    run.int8_agreement = report.top1_agreement
+    return run
 
 
 def _jit_runner(model, x) -> Callable[[], torch.Tensor]:
@@ -205,9 +241,12 @@ def _peer_runners(peers, peer, deployed, x, threads: int, folder: Path, name: st
                 continue  # inductor's CPU backend needs one; the table says it was not run
             run = _compile_runner(copy.deepcopy(peer), x)
         elif kind == "ort":
-            run = _ort_runner(peer, x, threads, folder, f"{name}-timm-ort", reparam=False)
-        else:  # zoo-ort
-            run = _ort_runner(deployed, x, threads, folder, f"{name}-zoo-ort", reparam=False)
+            run = _ort_runner(peer, x, threads, folder, f"{name}-timm-ort", reparam=False, exporter="torchscript",
+                              opset=17, dynamic=False)
+        elif kind == "zoo-ort":
+            run = _ort_runner(deployed, x, threads, folder, f"{name}-zoo-ort", reparam=False, dynamic=True)
+        else:  # zoo-int8
+            run = _int8_runner(deployed, x, threads, folder, name)
         run()
         out[kind] = (run, time.perf_counter() - start)
     return out
@@ -296,8 +335,9 @@ def benchmark(
             macs = count_macs(ours if card.input.kind == "image" else deployed, (x[:1],))
             params = count_params(ours)
             if backend == "onnxruntime":
-                run = _ort_runner(deployed, x, threads, Path(tmp), f"{name}-zoo", reparam=False)
-                run_peer = _ort_runner(peer, x, threads, Path(tmp), f"{name}-timm", reparam=False) if peer else None
+                run = _ort_runner(deployed, x, threads, Path(tmp), f"{name}-zoo", reparam=False, dynamic=True)
+                run_peer = _ort_runner(peer, x, threads, Path(tmp), f"{name}-timm", reparam=False, exporter="torchscript",
+                                       opset=17, dynamic=False) if peer else None
             else:
                 device = "cuda" if backend == "cuda" else "cpu"
                 run = _torch_runner(deployed, x, device, dtype, channels_last)
@@ -336,6 +376,10 @@ def benchmark(
                 m = statistics.median(t)
                 r.others[kind] = {"median_ms": m, "p90_ms": quantile(t, 0.9), "ratio": med / m, "setup_s": setup,
                                   "max_rel_diff": rel_err(fn().float().cpu(), reference)}
+                if getattr(fn, "onnx_path", None):
+                    r.others[kind]["file_bytes"] = Path(fn.onnx_path).stat().st_size
+                if hasattr(fn, "int8_agreement"):
+                    r.others[kind]["int8_agreement"] = fn.int8_agreement
             results.append(r)
             if progress:
                 progress(r)

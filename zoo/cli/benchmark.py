@@ -5,7 +5,8 @@ import json
 import sys
 
 
-PEER_LABELS = {"jit": "timm jit.freeze", "compile": "timm compile+freeze", "ort": "timm ORT", "zoo-ort": "zoo ORT"}
+PEER_LABELS = {"jit": "timm jit.freeze", "compile": "timm compile+freeze", "ort": "timm ORT", "zoo-ort": "zoo ORT",
+               "zoo-int8": "zoo ORT int8"}
 
 
 def _cmd_benchmark(args) -> int:
@@ -79,9 +80,10 @@ def register(sub) -> None:
     s.add_argument("--batch-size", type=int, default=1)
     s.add_argument("--img-size", type=int, default=None)
     s.add_argument("--compare", choices=("timm",), default=None, help="time timm's model too, interleaved")
-    s.add_argument("--peers", nargs="+", choices=("eager", "jit", "compile", "ort", "zoo-ort"), default=["eager"],
+    s.add_argument("--peers", nargs="+", choices=("eager", "jit", "compile", "ort", "zoo-ort", "zoo-int8"), default=["eager"],
                    help="with --compare timm on the torch backend: also time timm through jit.freeze, torch.compile "
-                        "with freezing (compile time reported apart), onnxruntime on timm's export, and zoo's ORT")
+                        "with freezing (compile time reported apart), onnxruntime on timm's export, zoo's ORT export and "
+                        "its int8 version")
     s.add_argument("--reps", type=int, default=100)
     s.add_argument("--warmup", type=int, default=10)
     s.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32", help="cuda backend only")

@@ -3,7 +3,8 @@
 Backends:
 
 - ``torch``: eager, ``torch.inference_mode``, ``torch.set_num_threads(threads)``;
-- ``onnxruntime``: the module exported by torch's TorchScript-based ONNX exporter (opset 18,
+- ``onnxruntime``: the module exported by torch's TorchScript-based ONNX exporter (opset 20, as
+  ``zoo export`` writes by default,
   fixed shapes; it exports a block in a fraction of a second, where the dynamo exporter takes
   seconds, and a table has hundreds of blocks), run by the CPU execution provider with
   ``intra_op_num_threads = threads``, one inter-op thread and every graph optimisation;
@@ -76,7 +77,7 @@ def make_runner(module: nn.Module, shape: tuple[int, ...], backend: str, threads
     ort = require("onnxruntime", "export", "the onnxruntime backend")
     path = Path(folder) / f"{name}.onnx"
     with torch.no_grad(), warnings_quiet():
-        torch.onnx.export(module, (x,), str(path), input_names=["input"], output_names=["output"], opset_version=18,
+        torch.onnx.export(module, (x,), str(path), input_names=["input"], output_names=["output"], opset_version=20,
                           dynamo=False)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
