@@ -22,7 +22,7 @@ and checked against zoo's output before timing:
 - ``ort``: onnxruntime on timm's model as a user exports it: ``torch.onnx.export``'s
   TorchScript exporter, opset 17, static batch 1;
 - ``zoo-ort``: onnxruntime on what ``zoo export NAME --format onnx`` writes with its default
-  flags (the deploy form, dynamo exporter, opset 18, dynamic batch);
+  flags (the deploy form, dynamo exporter, opset 20, dynamic batch);
 - ``zoo-int8``: onnxruntime on that file quantized to int8 with the model's rule
   (`zoo.export.quantize_onnx`), calibrated on random images (speed does not depend on them;
   its top-1 agreement with fp32 is measured by ``zoo export --quantize int8`` on real images).
