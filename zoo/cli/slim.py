@@ -249,7 +249,10 @@ def _finish(args, space, table, out: Path, common, name, arch, arch_config, stat
     atomic_write_json(out / "trajectory.json", {"family": space.family, "target_ms": args.target_ms,
                                                  "table": str(args.lut), "table_provenance": table.provenance,
                                                  **result.to_json()})
-    trajectory_png(out / "trajectory.png", result)
+    measured = info.get("importance") == "accuracy"
+    metric = args.importance_metric
+    trajectory_png(out / "trajectory.png", result, ylabel=("minus validation loss" if metric == "loss" else "val top-1 (%)")
+                   if measured else "importance kept")
     weights = out / f"{name}_inherited.safetensors"
     _save_weights(weights, state)
     latency = {"target_ms": args.target_ms, "predicted_ms": round(result.predicted_ms, 5), "table": str(args.lut),

@@ -241,11 +241,12 @@ def _record(step, action, arch, ms, kept, lost, saved, score) -> dict:
             "former": arch.former().to_json()}
 
 
-def trajectory_png(path: str | Path, result: SearchResult, title: str = "") -> Path:
-    """The accuracy proxy (importance kept) against predicted latency, one point per step."""
+def trajectory_png(path: str | Path, result: SearchResult, title: str = "", ylabel: str = "importance kept") -> Path:
+    """The accuracy proxy (`ylabel`: what the importance oracle measures) against predicted
+    latency, one point per step."""
     from zoo.data.charts import xy_chart
 
     xs = [t["predicted_ms"] for t in result.trajectory]
     ys = [t["importance"] for t in result.trajectory]
     return xy_chart(path, {"slimming": (xs, ys)}, title=title or f"slimming to {result.target_ms:g} ms",
-                    xlabel="predicted latency (ms)", ylabel="importance kept", vline=result.target_ms)
+                    xlabel="predicted latency (ms)", ylabel=ylabel, vline=result.target_ms)
