@@ -165,6 +165,10 @@ def _ort_runner(model, x, threads: int, folder: Path, tag: str, reparam: bool, e
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    # onnxruntime's pool threads spin after each run by default; interleaved with other runners
+    # they steal the cores from whichever runs next (measured: timm jit.freeze ran 2x slower
+    # beside spinning sessions, and the ORT ratios moved by up to 1.5x)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: x.numpy()}
 

@@ -83,6 +83,9 @@ def make_runner(module: nn.Module, shape: tuple[int, ...], backend: str, threads
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # no spinning pool threads: the additivity report interleaves several sessions, and a
+    # spinning one steals the cores from the next (as in zoo.benchmark)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     feed = {"input": x.numpy()}
     return lambda: sess.run(None, feed) and None
