@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from zoo.errors import ConfigError, DataError
+from zoo.flops import count_params
 from zoo.slim.table import LatencyTable
 
-__all__ = ["Move", "MES", "GreedyResult", "greedy_slim", "count_params", "latency_floor"]
+__all__ = ["Move", "MES", "GreedyResult", "greedy_slim", "latency_floor"]
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,10 @@ class MES:
         return 100.0 * (ms / self.ms_unit) ** -self.ms_alpha * (params_m / self.params_unit) ** -self.params_alpha
 
 
-def count_params(model) -> float:
-    """Parameters of `model` in millions."""
-    return sum(p.numel() for p in model.parameters()) / 1e6
-
-
 @dataclass
 class GreedyResult:
+    """A search's end: the architecture, its predicted latency, the target, every step."""
+
     arch: Any
     predicted_ms: float
     target_ms: float
@@ -93,7 +91,7 @@ def greedy_slim(space, table: LatencyTable, oracle: Callable[[Any], float], targ
 
     def size(a) -> float:
         if a not in params:
-            params[a] = count_params(space.build(a))
+            params[a] = count_params(space.build(a)) / 1e6  # MES counts millions
         return params[a]
 
     def gain(a, a_ms, b, b_ms) -> float:

@@ -33,11 +33,12 @@ Choices the paper leaves open (documented in ``docs/slim.md``; the defaults):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 from zoo.errors import ConfigError, DataError
+from zoo.slim.greedy import GreedyResult
 from zoo.slim.space import EfficientFormerSpace, FormerArch
 from zoo.slim.table import LatencyTable
 
@@ -149,16 +150,12 @@ def start_arch(importance: AlphaImportance, widths: Sequence[int]) -> SlotArch:
     return SlotArch(tuple(widths), tuple(kept))
 
 
-@dataclass
-class SearchResult:
-    arch: SlotArch
-    predicted_ms: float
-    target_ms: float
-    trajectory: list[dict] = field(default_factory=list)
+class SearchResult(GreedyResult):
+    """`GreedyResult` of an EfficientFormer search (``arch`` a `SlotArch`), with the
+    EfficientFormer architecture it names."""
 
     def to_json(self) -> dict:
-        return {"arch": self.arch.to_json(), "former": self.arch.former().to_json(),
-                "predicted_ms": self.predicted_ms, "target_ms": self.target_ms, "trajectory": self.trajectory}
+        return {**super().to_json(), "former": self.arch.former().to_json()}
 
 
 def candidate_actions(arch: SlotArch, importance: AlphaImportance, step: int = 16,
