@@ -37,6 +37,7 @@ __all__ = [
     "probe_onednn",
     "reset_cpu_kernels",
     "can_write_inplace",
+    "graph_capture",
     "eager_cpu_inference",
     "onednn_applies",
     "add_",
@@ -54,7 +55,7 @@ __all__ = [
 ENV_VAR = "ZOO_CPU_KERNELS"
 
 
-def _graph_capture() -> bool:
+def graph_capture() -> bool:
     """True while tracing (jit or fx), scripting, compiling or exporting: then only standard
     ops are used, and no decision looks at a tensor."""
     return (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
@@ -171,7 +172,7 @@ def can_write_inplace(t: torch.Tensor) -> bool:
     """True when eager inference may overwrite `t` (a fresh intermediate): no graph capture and
     no autograd history to keep. Deploy forms use it to allocate fewer large buffers, which on
     the CPU costs page faults (PyTorch's CPU allocator does not cache)."""
-    return not _graph_capture() and not (torch.is_grad_enabled() and t.requires_grad)
+    return not graph_capture() and not (torch.is_grad_enabled() and t.requires_grad)
 
 
 def eager_cpu_inference(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -206,7 +207,7 @@ def mul_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     because CoreML has no ``addcmul``."""
     if torch.jit.is_scripting():
         return a + b * c
-    return a + b * c if _graph_capture() else torch.addcmul(a, b, c)
+    return a + b * c if graph_capture() else torch.addcmul(a, b, c)
 
 
 class DeployGELU(nn.GELU):

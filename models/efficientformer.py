@@ -33,7 +33,9 @@ Choices the official code leaves open, made configurable here:
 
 Deploy form (`EfficientFormer.reparameterize`): every BatchNorm folded into its conv, each
 layer scale folded into the projection before it (MLP output convs, attention output
-linears), the pooling mixer computed as ``(1 - ls1) * x + ls1 * pool(x)``, the attention
+linears), the pooling mixer computed as ``(1 - ls1) * x + ls1 * pool(x)`` (in eager CPU
+inference with the box sum as a depthwise conv; in traced and exported graphs with both
+scales as 1x1 depthwise convs, which onnxruntime keeps in its NCHWc layout), the attention
 scale folded into the query weights, bias tables expanded once into dense tensors, and the two
 classifiers merged into one linear (their average). Neither the official code nor timm has one.
 """
@@ -48,7 +50,7 @@ from timm.layers import DropPath, LayerNorm2d, LayerScale, LayerScale2d, Mlp, tr
 
 from zoo.errors import ConfigError
 from zoo.hub import NotThisLayout, WeightEntry, timm_hub_entry
-from zoo.models.cpu_kernels import add_, can_write_inplace, mul_add
+from zoo.models.cpu_kernels import add_, can_write_inplace, graph_capture, mul_add
 from zoo.models.image_model import ImageModel, image_cfg
 from zoo.models.layers import bias_index, densify_bias, timm_converter
 from zoo.nn import fold_scale_into_out_channels, fuse_conv_bn
@@ -180,6 +182,8 @@ class MetaBlock2d(nn.Module):
 
     @torch.jit.unused  # the deploy form is eager and exported, never scripted
     def _forward_deploy(self, x: torch.Tensor) -> torch.Tensor:
+        if graph_capture():
+            return self._forward_export(x)
         # x + g * (pool(x) - x) == (1 - g) * x + g/k^2 * boxsum(x) * k^2/count, the box sum a
         # depthwise conv (faster than avg_pool2d on the CPU).
         q = self.pool_conv(x)
@@ -188,6 +192,16 @@ class MetaBlock2d(nn.Module):
         else:
             x = mul_add(x * self.keep, q, self._recount(x))
         return add_(self.mlp(x), x)
+
+    def _forward_export(self, x: torch.Tensor) -> torch.Tensor:
+        """The exported graph: ``g * avgpool(x) + (1 - g) * x`` with both per-channel scales as
+        1x1 depthwise convs. Every op then runs in onnxruntime's blocked NCHWc layout (a
+        ``[1, 1, H, W]`` recount or a per-channel Mul would leave it, costing a reorder each
+        way per block), and the residual sum fuses into the MLP's last conv."""
+        k, dim = self.pool_size, x.shape[1]
+        pooled = F.avg_pool2d(x, k, 1, k // 2, count_include_pad=False)
+        x = F.conv2d(pooled, self.gain_dw, groups=dim) + F.conv2d(x, self.keep_dw, groups=dim)
+        return self.mlp(x) + x
 
     def _recount(self, x: torch.Tensor) -> torch.Tensor:
         """``k^2 / count`` per position (count: window cells inside the image), ``[1, 1, H, W]``."""
@@ -206,6 +220,9 @@ class MetaBlock2d(nn.Module):
         self.pool_conv = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim, bias=False).to(g1)
         self.pool_conv.weight.copy_((g1 / (k * k)).view(-1, 1, 1, 1).expand(-1, 1, k, k))
         self.register_buffer("keep", (1 - g1).view(1, -1, 1, 1).clone())
+        # the export form's weights: derived, so kept out of the state dict
+        self.register_buffer("gain_dw", g1.view(-1, 1, 1, 1).clone(), persistent=False)
+        self.register_buffer("keep_dw", (1 - g1).view(-1, 1, 1, 1).clone(), persistent=False)
         r = self.resolution or 1
         self.register_buffer("recount", _recount(r, r, k).to(g1))
         fold_scale_into_out_channels(self.mlp[-1], self.ls2.gamma)

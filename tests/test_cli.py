@@ -178,6 +178,10 @@ def test_benchmark_names_and_errors(capsys):
         assert "needs a CUDA GPU" in capsys.readouterr().err
     assert main(["benchmark", "efficientvit_m0", "--dtype", "fp16"]) == 2
     assert "cuda backend" in capsys.readouterr().err
+    # a name timm lacks is refused before the first model is timed
+    assert main(["benchmark", "efficientvit_m0", "efficientformer_supernet", "--compare", "timm", "--reps", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "timm has no model named efficientformer_supernet" in captured.err and "efficientvit_m0" not in captured.out
 
 
 @pytest.mark.parametrize("name", ["efficientvit_m0", "efficientformer_l1", "efficientformerv2_s0", "psf_tiny"])

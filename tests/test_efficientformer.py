@@ -207,3 +207,33 @@ def test_coreml_export(name, tmp_path):
     assert {"conv", "softmax", "matmul"} <= set(ops)
     assert not any("cubic" in t for t in ops)  # bias tables are resized at load, never in the graph
     assert set(report.details["compute_op_dtypes"]) == {"FLOAT16"}
+
+
+def test_meta4d_export_form_equals_the_eager_deploy_form_and_stays_in_nchwc(tmp_path):
+    """Traced and exported, a deployed Meta4D block takes its export form (both mixer scales as
+    1x1 depthwise convs); it computes what the eager form and the training form compute, and
+    onnxruntime keeps every Meta4D block in its blocked layout (no reorder between the stem and
+    the attention stage)."""
+    model = randomize_(zoo.create_model("efficientformer_l1", img_size=64, num_classes=10), scale=0.1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y = model(x)
+        deployed = zoo.export.reparameterize(model)
+        traced = torch.jit.trace(deployed, x)
+        assert rel_err(deployed(x), y) < 1e-5 and rel_err(traced(x), y) < 1e-5
+    graph_ops = {n.kind() for n in traced.inlined_graph.nodes()}
+    assert "aten::avg_pool2d" in graph_ops and "aten::addcmul" not in graph_ops  # the export form was traced
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    zoo.export.to_onnx(deployed, tmp_path / "l1.onnx", verbose=False)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "l1_opt.onnx")
+    ort.InferenceSession(str(tmp_path / "l1.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = [(n.op_type, n.domain) for n in onnx.load(str(tmp_path / "l1_opt.onnx")).graph.node]
+    if not any(d == "com.microsoft.nchwc" for _, d in ops):
+        pytest.skip("this CPU's onnxruntime has no NCHWc layout (no AVX2)")
+    reorders = [i for i, (op, _) in enumerate(ops) if op in ("ReorderInput", "ReorderOutput")]
+    assert len(reorders) <= 1  # once, out of the blocked layout, into the attention stage
+    pools = [i for i, (op, d) in enumerate(ops) if op == "AveragePool"]
+    assert pools and all(ops[i][1] == "com.microsoft.nchwc" for i in pools)
+    assert not reorders or reorders[0] > pools[-1]

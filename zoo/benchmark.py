@@ -320,6 +320,12 @@ def benchmark(
     if detectors:
         raise ConfigError(f"{', '.join(detectors)}: zoo benchmark times image models and point cloud generators; "
                           "benchmarks/sparse_conv.py times the 3D detectors.")
+    if compare == "timm":
+        import timm
+
+        missing = [n for n in names if n not in timm.list_models()]
+        if missing:  # before any model is timed, not after the first ones
+            raise ConfigError(f"timm has no model named {', '.join(missing)}; run those without --compare.")
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
