@@ -2,8 +2,10 @@
 caches, and the guards that decide when they may run.
 
 A deploy form (``reparameterize()``) swaps its ``nn.Conv2d``, ``nn.Linear`` and ``nn.GELU``
-for `DeployConv2d`, `DeployLinear` and `DeployGELU` (`use_deploy_kernels`): the same
-parameters and the same function, with faster kernels in eager float32 CPU inference. The
+for `DeployConv2d`, `DeployLinear` and `DeployGELU`, and each ``nn.Sequential`` holding a conv
+directly followed by a GELU or ReLU for a `DeploySequential` that runs the pair as one oneDNN
+call with the activation fused (`use_deploy_kernels`): the same parameters, keys and
+function, with faster kernels in eager float32 CPU inference. The
 model files never call anything here but those classes and a few guards; reading them does
 not need this module.
 
@@ -12,7 +14,7 @@ Safety, in order:
 - ``ZOO_CPU_KERNELS=0`` in the environment (read at the first call, or again after
   `reset_cpu_kernels`) turns every fast path off: the deploy form then runs stock PyTorch ops.
 - The oneDNN ops are private PyTorch ops. They are used only after `probe_onednn` has called
-  every variant this module uses (``_linear_pointwise.default`` with and without ReLU,
+  every variant this module uses (``_linear_pointwise.default`` plain and with ReLU or GELU,
   ``.binary`` add, ``_convolution_pointwise.default``, both weight reorders and the in-place
   GELU) on small tensors and checked the results against the stock ops. A failed probe turns
   them off with one warning saying why.
@@ -48,6 +50,9 @@ __all__ = [
     "DeployConv2d",
     "DeployLinear",
     "DeployGELU",
+    "DeploySequential",
+    "act_name",
+    "hooked",
     "nchw_fallback",
     "use_deploy_kernels",
 ]
@@ -114,6 +119,19 @@ def onednn_enabled() -> bool:
     return _Switch.onednn
 
 
+# A fused activation's name -> oneDNN's post-op attribute and algorithm.
+_POST_OPS = {"none": ("none", ""), "relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+
+
+def _act_(y: torch.Tensor, act: str) -> torch.Tensor:
+    """``act(y)`` written into `y` (a fresh intermediate)."""
+    if act == "relu":
+        return y.relu_()
+    if act in ("gelu", "gelu_tanh"):
+        return torch._C._nn.gelu_(y, approximate="none" if act == "gelu" else "tanh")
+    return y
+
+
 def probe_onednn() -> tuple[bool, str]:
     """Call every oneDNN op variant used here once on small float32 tensors and compare with
     the stock ops; ``(True, "")`` or ``(False, why)``. Any exception counts as a failure."""
@@ -133,6 +151,11 @@ def probe_onednn() -> tuple[bool, str]:
                                               F.linear(x, w, b)),
                 "_linear_pointwise.default relu": (ops._linear_pointwise.default(x, packed, b, "relu", [], ""),
                                                    F.relu(F.linear(x, w, b))),
+                "_linear_pointwise.default gelu": (ops._linear_pointwise.default(x, packed, b, "gelu", [], "none"),
+                                                   F.gelu(F.linear(x, w, b))),
+                "_linear_pointwise.default gelu tanh": (
+                    ops._linear_pointwise.default(x, packed, b, "gelu", [], "tanh"),
+                    F.gelu(F.linear(x, w, b), approximate="tanh")),
                 "_linear_pointwise.binary add": (ops._linear_pointwise.binary(x, add, packed, b, "add"),
                                                  F.linear(x, w, b) + add),
             }
@@ -149,6 +172,9 @@ def probe_onednn() -> tuple[bool, str]:
                 checks["_convolution_pointwise.default relu" + name] = (
                     ops._convolution_pointwise.default(xl, pc, bc, [1, 1], [1, 1], [1, 1], 8, "relu", [], ""),
                     F.relu(ref))
+                checks["_convolution_pointwise.default gelu" + name] = (
+                    ops._convolution_pointwise.default(xl, pc, bc, [1, 1], [1, 1], [1, 1], 8, "gelu", [], "none"),
+                    F.gelu(ref))
             checks["gelu_"] = (torch._C._nn.gelu_(x.clone(), approximate="none"), F.gelu(x))
         for name, (got, want) in checks.items():
             if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
@@ -284,8 +310,8 @@ def prepacked_linear(
 ) -> torch.Tensor | None:
     """``act(x @ W.T + layer.bias) + add`` through oneDNN for ``x [..., in]``, where ``W [out,
     in]`` is `layer`'s weight (a Linear's, or a 1x1 conv's ``[out, in, 1, 1]``), reordered once
-    per number of rows of `x` and kept in `layer`'s `KernelCache` under `tag`. `act` is
-    ``"none"`` or ``"relu"``, fused; `add` (the output's shape, only without an `act`) is
+    per number of rows of `x` and kept in `layer`'s `KernelCache` under `tag`. `act` (a key
+    of `_POST_OPS`: none, relu, gelu, gelu_tanh) is fused; `add` (the output's shape, only without an `act`) is
     fused too. Call only where `eager_cpu_inference` and `onednn_applies` hold. None when the
     oneDNN call failed (the layer then stays on stock ops; see `_onednn_failed`)."""
     rows = x.numel() // x.shape[-1]
@@ -297,10 +323,16 @@ def prepacked_linear(
             lambda: torch.ops.mkldnn._reorder_linear_weight(weight.detach().reshape(weight.shape[0], -1), rows))
         if add is not None:
             return _Switch.linear_add(x, add.contiguous(), packed, params["bias"], "add")
-        return _Switch.linear(x, packed, params["bias"], act, [], "")
+        return _Switch.linear(x, packed, params["bias"], *_post_op(act))
     except RuntimeError as e:
         _onednn_failed(layer, e)
         return None
+
+
+def _post_op(act: str) -> tuple[str, list, str]:
+    """The ``attr, scalars, algorithm`` arguments of a oneDNN pointwise op fusing `act`."""
+    attr, algorithm = _POST_OPS[act]
+    return attr, [], algorithm
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -351,8 +383,44 @@ class DeployConv2d(nn.Conv2d):
         y = self._forward_fast(x)
         return super().forward(x) if y is None else y
 
-    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The fast paths, or None where the stock convolution is the only choice."""
+    def forward_act(self, x: torch.Tensor, act: str) -> torch.Tensor:
+        """``act(self(x))`` for `act` in `_POST_OPS`, fused into the oneDNN kernel where the
+        fast path takes one, else applied in place on the fresh output. Only for eager
+        inference on a layer without hooks; see `DeploySequential`."""
+        if x.dim() == 4 and eager_cpu_inference(x, self.weight):
+            y = self._forward_fast(x, act)
+            return _act_(super().forward(x), act) if y is None else y
+        y = super().forward(x)
+        return _act_(y.clone(), act) if act != "none" else y
+
+    def forward_add(self, x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+        """``self(x) + add`` (`add` the output's shape), the sum fused into the product where
+        the channels-last rows path serves this call, else added in place into the fresh
+        output. Only for eager inference on a layer without hooks."""
+        if not (x.dim() == 4 and eager_cpu_inference(x, self.weight)):
+            return super().forward(x) + add
+        b, c, h, w = x.shape
+        if (self._is_pointwise() and _is_channels_last(x) and _is_channels_last(add) and add.shape[1] == self.out_channels
+                and c * self.out_channels * h * w > self.onednn_rows_min_macs and onednn_applies(self, x)):
+            y = prepacked_linear(self, x.permute(0, 2, 3, 1).reshape(b * h * w, c), "rows",
+                                 add=add.permute(0, 2, 3, 1).reshape(b * h * w, self.out_channels))
+            if y is not None:
+                return y.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
+        y = self._forward_fast(x)
+        y = super().forward(x) if y is None else y
+        return y.add_(add) if y.shape == add.shape else y + add
+
+    def _forward_fast(self, x: torch.Tensor, act: str = "none") -> torch.Tensor | None:
+        """The fast paths, `act` fused or applied after, or None where the stock convolution
+        is the only choice."""
+        y = self._forward_kernels(x, act)
+        if y is None or isinstance(y, tuple):  # (result, act still to apply)
+            return None if y is None else _act_(y[0], act)
+        return y
+
+    def _forward_kernels(self, x: torch.Tensor, act: str) -> torch.Tensor | tuple | None:
+        """The paths: a tensor with `act` fused, a 1-tuple whose tensor still needs `act`, or
+        None."""
         b, c, h, w = x.shape
         onednn = onednn_applies(self, x)
         if self._is_pointwise():
@@ -361,7 +429,7 @@ class DeployConv2d(nn.Conv2d):
             if onednn and macs > self.onednn_rows_min_macs and _is_channels_last(x):
                 # Rows in, rows out: [B*H*W, Ci] @ W.T with the weight prepacked, bias fused;
                 # the result is the NCHW tensor with channels-last strides, as oneDNN convs give.
-                y = prepacked_linear(self, x.permute(0, 2, 3, 1).reshape(b * h * w, c), "rows")
+                y = prepacked_linear(self, x.permute(0, 2, 3, 1).reshape(b * h * w, c), "rows", act)
                 if y is not None:
                     return y.view(b, h, w, self.out_channels).permute(0, 3, 1, 2)
             elif b == 1 and onednn and macs > self.onednn_matmul_min_macs:
@@ -374,7 +442,7 @@ class DeployConv2d(nn.Conv2d):
                     return None
                 if self.bias is not None:
                     y.add_(self.bias.view(-1, 1))
-                return y.view(1, self.out_channels, h, w)
+                return (y.view(1, self.out_channels, h, w),)
             if macs <= self.matmul_max_macs or c * h * w <= self.matmul_max_input:
                 if b == 1:
                     xs = x.reshape(c, h * w)
@@ -383,16 +451,16 @@ class DeployConv2d(nn.Conv2d):
                     y = torch.matmul(weight, x.reshape(b, c, h * w))
                     if self.bias is not None:
                         y = y + self.bias.view(1, -1, 1)
-                return y.view(b, self.out_channels, h, w)
+                return (y.view(b, self.out_channels, h, w),)
         dense = self._dense_depthwise(h, w, x.dtype)
         if dense is not None:
             n = h * w
             xs = x.reshape(c, 1, n) if b == 1 else x.reshape(b, c, n).transpose(0, 1)
             bias = self.bias.view(c, 1, 1) if self.bias is not None else None
             y = torch.baddbmm(bias, xs, dense) if bias is not None else torch.bmm(xs, dense)
-            return y.view(1, c, h, w) if b == 1 else y.transpose(0, 1).reshape(b, c, h, w)
+            return (y.view(1, c, h, w) if b == 1 else y.transpose(0, 1).reshape(b, c, h, w),)
         if onednn and self.padding_mode == "zeros" and isinstance(self.padding, tuple):
-            return self._onednn_conv(x)
+            return self._onednn_conv(x, act)
         return None
 
     def _onednn_conv(self, x: torch.Tensor, act: str = "none") -> torch.Tensor | None:
@@ -410,7 +478,7 @@ class DeployConv2d(nn.Conv2d):
 
         try:
             packed, args = kernel_cache(self).get_or_build(("conv", x.shape, channels_last), weight, build)
-            return _Switch.conv(x, packed, params["bias"], *args, act, [], "")
+            return _Switch.conv(x, packed, params["bias"], *args, *_post_op(act))
         except RuntimeError as e:
             _onednn_failed(self, e)
             return None
@@ -528,16 +596,66 @@ class DeployLinear(nn.Linear):
         return super().forward(x) if y is None else y
 
 
+def hooked(*modules: nn.Module) -> bool:
+    """True when any of `modules` has a forward hook or pre-hook (a fused path must not skip
+    its call)."""
+    for m in modules:
+        if m._forward_hooks or m._forward_pre_hooks:
+            return True
+    return False
+
+
+def act_name(m: nn.Module) -> str | None:
+    """The `_POST_OPS` name of an activation module oneDNN can fuse, else None."""
+    if type(m) in (nn.GELU, DeployGELU):
+        return "gelu" if m.approximate == "none" else "gelu_tanh"
+    if type(m) is nn.ReLU:
+        return "relu"
+    return None
+
+
+class DeploySequential(nn.Sequential):
+    """An `nn.Sequential` (same children, same keys, same function) that in eager float32 CPU
+    inference runs each `DeployConv2d` directly followed by a GELU or ReLU as one call with
+    the activation fused into the oneDNN kernel (`DeployConv2d.forward_act`): the activation
+    is then not a separate pass over the conv's output. oneDNN's GELU post-op evaluates the
+    same erf (or tanh) form; a pair with hooks on either module runs unfused, so hooks fire.
+    While tracing, scripting, compiling or exporting it is the plain `nn.Sequential`."""
+
+    def forward(self, x):
+        if graph_capture() or not isinstance(x, torch.Tensor) or not x.is_cpu or not cpu_kernels_enabled():
+            return super().forward(x)
+        mods = list(self._modules.values())
+        i = 0
+        while i < len(mods):
+            m = mods[i]
+            act = act_name(mods[i + 1]) if i + 1 < len(mods) else None
+            if (act is not None and isinstance(m, DeployConv2d) and eager_cpu_inference(x, m.weight)
+                    and not hooked(m, mods[i + 1])):
+                x = m.forward_act(x, act)
+                i += 2
+            else:
+                x = m(x)
+                i += 1
+        return x
+
+
 def use_deploy_kernels(module: nn.Module) -> nn.Module:
     """Turn every plain `nn.Conv2d` in `module` into a `DeployConv2d`, every `nn.Linear` into a
-    `DeployLinear` and every `nn.GELU` into a `DeployGELU`, in place (same parameters, same
-    function). Only for modules whose GELUs act on fresh intermediates (true of every family
-    here)."""
-    for m in module.modules():
+    `DeployLinear`, every `nn.GELU` into a `DeployGELU`, and every plain `nn.Sequential` that
+    holds a conv directly followed by a GELU or ReLU into a `DeploySequential`, in place (same
+    parameters, same keys, same function). Only for modules whose GELUs act on fresh
+    intermediates (true of every family here)."""
+    for m in list(module.modules()):
         if type(m) is nn.Conv2d:
             m.__class__ = DeployConv2d
         elif type(m) is nn.Linear:
             m.__class__ = DeployLinear
         elif type(m) is nn.GELU:
             m.__class__ = DeployGELU
+    for m in module.modules():
+        kids = list(m.children())
+        if type(m) is nn.Sequential and any(
+                isinstance(a, DeployConv2d) and act_name(b) for a, b in zip(kids, kids[1:])):
+            m.__class__ = DeploySequential
     return module

@@ -433,10 +433,12 @@ class EfficientFormer(DistilledClassifier, nn.Module):
     ``[B, N, embed_dims[-1]]`` normalised tokens when ``num_vit > 0``, else ``[B, C, H, W]``.
     """
 
-    # int8 ONNX (zoo.export.quantize_onnx): every convolution and matrix product with
-    # per-channel weights; norms, GELU and softmax stay float
-    int8_rule = {"op_types": ("Conv", "MatMul", "Gemm"),
-                 "note": "convolutions and matrix products; norms, GELU and softmax float"}
+    # int8 ONNX (zoo.export.quantize_onnx): every dense convolution and matrix product with
+    # per-channel weights; the pooling mixer's 1x1 depthwise scales (on the residual stream,
+    # with nothing to gain from int8), norms, GELU and softmax stay float
+    int8_rule = {"op_types": ("Conv", "MatMul", "Gemm"), "float_depthwise": True,
+                 "note": "dense convolutions and matrix products; the mixer's depthwise scales, norms, GELU and "
+                         "softmax float"}
 
     def __init__(
         self,

@@ -52,7 +52,7 @@ from timm.layers import DropPath, LayerScale2d
 from zoo.errors import ConfigError
 from zoo.hub import NotThisLayout, WeightEntry, timm_hub_entry
 from zoo.models.efficientformer import INPUT, DistilledClassifier, merge_heads
-from zoo.models.cpu_kernels import add_
+from zoo.models.cpu_kernels import DeployConv2d, DeploySequential, act_name, add_, eager_cpu_inference, hooked
 from zoo.models.image_model import image_cfg
 from zoo.models.layers import ChannelAffine, ConvNorm, bias_index, densify_bias, timm_converter
 from zoo.nn import fold_scale_into_out_channels
@@ -275,6 +275,29 @@ class ConvMlpWithNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.mid(self.fc1(x)))))
 
+    @torch.jit.unused  # the deploy form is eager and exported, never scripted
+    def forward_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + self(x)``. In eager CPU inference of the deploy form (each Conv-BN fused, no
+        hooks), the GELUs run fused into their convs' oneDNN kernels and the residual sum
+        into the last 1x1 conv's product, which saves a pass over each activation map."""
+        convs = self._deployed_convs()
+        if convs is None or not eager_cpu_inference(x, convs[0].weight):
+            return add_(self(x), x)
+        fc1, mid, fc2, act1, act2 = convs
+        return fc2.forward_add(mid.forward_act(fc1.forward_act(x, act1), act2), x)
+
+    def _deployed_convs(self):
+        """``(fc1, mid, fc2, act1, act2)`` when the fused path applies, else None."""
+        fc1, mid, fc2 = self.fc1, self.mid, self.fc2
+        if self.training or not (isinstance(fc1, DeploySequential) and isinstance(mid, DeploySequential)
+                                 and isinstance(fc2, DeployConv2d) and len(fc1) == len(mid) == 2):
+            return None
+        act1, act2 = act_name(fc1[1]), act_name(mid[1])
+        if (act1 is None or act2 is None or not isinstance(fc1[0], DeployConv2d) or not isinstance(mid[0], DeployConv2d)
+                or hooked(self, fc1, mid, fc2, fc1[0], fc1[1], mid[0], mid[1], self.drop1, self.drop2)):
+            return None
+        return fc1[0], mid[0], fc2, act1, act2
+
 
 class EfficientFormerV2Block(nn.Module):
     """Optional attention (residual, layer scale), then the FFN (residual, layer scale)."""
@@ -292,10 +315,13 @@ class EfficientFormerV2Block(nn.Module):
         self.mlp = ConvMlpWithNorm(dim, int(dim * mlp_ratio), act_layer, drop)
         self.ls2 = LayerScale2d(dim, layer_scale_init_value)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.deployed = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.token_mixer is not None:
             x = add_(self.drop_path1(self.ls1(self.token_mixer(x))), x)
+        if self.deployed and not self.training:  # ls2 folded into fc2, drop path off in eval
+            return self.mlp.forward_residual(x)
         return add_(self.drop_path2(self.ls2(self.mlp(x))), x)
 
     @torch.no_grad()
@@ -306,6 +332,7 @@ class EfficientFormerV2Block(nn.Module):
         if isinstance(self.ls1, LayerScale2d):
             fold_scale_into_out_channels(_fused_conv(self.token_mixer.proj), self.ls1.gamma)
             self.ls1 = nn.Identity()
+        self.deployed = True
         return self
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.models.cpu_kernels import DeployConv2d, can_write_inplace, nchw_fallback, onednn_enabled
+from zoo.models.cpu_kernels import DeployConv2d, can_write_inplace, hooked, nchw_fallback, onednn_enabled
 from zoo.models.layers import Residual
 
 __all__ = ["nhwc_applies", "hooked", "run_nhwc"]
@@ -49,14 +49,6 @@ def nhwc_applies(x: torch.Tensor) -> bool:
 def _global_hooks() -> bool:
     m = nn.modules.module
     return bool(m._global_forward_hooks or m._global_forward_pre_hooks)
-
-
-def hooked(*modules: nn.Module) -> bool:
-    """True when any of `modules` has a forward hook or pre-hook."""
-    for m in modules:
-        if m._forward_hooks or m._forward_pre_hooks:
-            return True
-    return False
 
 
 def run_nhwc(module: nn.Module, t: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:

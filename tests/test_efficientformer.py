@@ -237,3 +237,37 @@ def test_meta4d_export_form_equals_the_eager_deploy_form_and_stays_in_nchwc(tmp_
     pools = [i for i, (op, d) in enumerate(ops) if op == "AveragePool"]
     assert pools and all(ops[i][1] == "com.microsoft.nchwc" for i in pools)
     assert not reorders or reorders[0] > pools[-1]
+
+
+def test_v2_ffn_deploy_path_fuses_its_gelus_and_residual_sum():
+    """In eager CPU inference the deployed V2 FFN runs with no separate GELU or sum pass; the
+    output is the training form's, and a hook on a GELU turns the fusion off for that FFN."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = randomize_(zoo.create_model("efficientformerv2_s0", img_size=64, num_classes=10), scale=0.1)
+    onednn = zoo.models.cpu_kernels.onednn_enabled()  # probes oneDNN now, not inside the recording
+    x = torch.randn(1, 32, 16, 16).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = model.stages[0].blocks[0](x)  # FFN only
+        block = zoo.export.reparameterize(model).stages[0].blocks[0]
+    with torch.inference_mode():
+        with Ops() as ops:
+            got = block(x)
+    assert rel_err(got, y) < 1e-5
+    if onednn:
+        assert "_linear_pointwise.binary" in ops.names  # the residual sum, fused
+        assert not any(n.startswith(("gelu", "add")) for n in ops.names), ops.names
+        block.mlp.fc1[1].register_forward_hook(lambda *a: None)
+        with torch.inference_mode():
+            with Ops() as ops:
+                assert rel_err(block(x), y) < 1e-5
+        assert any(n.startswith("gelu") for n in ops.names)

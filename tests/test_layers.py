@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import zoo.models.cpu_kernels as kernels
-from zoo.models.cpu_kernels import DeployConv2d, DeployGELU, DeployLinear, add_, kernel_cache
+from zoo.models.cpu_kernels import (DeployConv2d, DeployGELU, DeployLinear, DeploySequential, add_, kernel_cache,
+                                   use_deploy_kernels)
 from zoo.models.layers import ChannelAffine, bias_index, resize_bias_tables
 from zoo.testing import rel_err
 
@@ -53,6 +54,66 @@ def test_deploy_conv_kernels_equal_conv2d(conv, shape, channels_last):
     with torch.inference_mode():
         assert rel_err(fast(x), ref(x)) < 1e-5
     assert not any("cache" in k for k in fast.state_dict())
+
+
+ACTS = {"gelu": torch.nn.GELU(), "gelu_tanh": torch.nn.GELU(approximate="tanh"), "relu": torch.nn.ReLU()}
+
+
+@pytest.mark.parametrize(
+    "conv, shape",
+    [
+        (torch.nn.Conv2d(32, 128, 1), (1, 28, 28)),  # channels-last rows through oneDNN: act fused
+        (torch.nn.Conv2d(96, 128, 1), (1, 14, 14)),  # W @ X at batch 1: act after
+        (torch.nn.Conv2d(16, 48, 1), (2, 7, 7)),  # small 1x1: matmul, act after
+        (torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), (1, 7, 7)),  # dense depthwise: act after
+        (torch.nn.Conv2d(32, 32, 3, padding=1, groups=32), (2, 14, 14)),  # oneDNN conv: act fused
+        (torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), (1, 16, 16)),
+    ],
+)
+@pytest.mark.parametrize("act", list(ACTS))
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_deploy_conv_forward_act_and_add_equal_conv_then_act_or_sum(conv, shape, act, channels_last):
+    ref, fast = _deploy_copy(conv, DeployConv2d)
+    b, h, w = shape
+    x = torch.randn(b, conv.in_channels, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        y = ref(x)
+        assert rel_err(fast.forward_act(x, act), ACTS[act](y)) < 1e-5
+        add = torch.randn_like(y).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert rel_err(fast.forward_add(x, add), y + add) < 1e-5
+    with torch.no_grad():  # outside inference too (stock ops, out of place): same function
+        assert rel_err(fast.forward_act(x, act), ACTS[act](ref(x))) < 1e-5
+
+
+@needs_onednn
+def test_deploy_sequential_fuses_conv_activation_pairs_but_not_hooked_or_captured_ones(monkeypatch):
+    seq = torch.nn.Sequential(torch.nn.Conv2d(8, 32, 3, padding=1), torch.nn.GELU(), torch.nn.Conv2d(32, 8, 1),
+                              torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 1)).eval().requires_grad_(False)
+    ref = copy.deepcopy(seq)
+    use_deploy_kernels(seq)
+    assert type(seq) is DeploySequential and seq.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(1, 8, 20, 20).contiguous(memory_format=torch.channels_last)
+    attrs = []
+    real = kernels._Switch.conv
+
+    def spy(*args):
+        attrs.append(args[7])  # the fused post-op
+        return real(*args)
+
+    monkeypatch.setattr(kernels._Switch, "conv", spy)
+    with torch.inference_mode():
+        assert rel_err(seq(x), ref(x)) < 1e-5
+    assert attrs and attrs[0] == "gelu"  # the 3x3 conv ran with GELU fused
+    seen = []
+    seq[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    attrs.clear()
+    with torch.inference_mode():
+        assert rel_err(seq(x), ref(x)) < 1e-5
+    assert seen == [(1, 32, 20, 20)] and attrs[0] == "none"  # a hooked GELU is called, not fused
+    traced = torch.jit.trace(seq, x)
+    assert "aten::gelu" in {n.kind() for n in traced.inlined_graph.nodes()}
 
 
 @needs_onednn
