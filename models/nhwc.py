@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from zoo.models.cpu_kernels import DeployConv2d, can_write_inplace, hooked, nchw_fallback, onednn_enabled
+from zoo.models.cpu_kernels import DeployConv2d, DeploySequential, can_write_inplace, hooked, nchw_fallback, onednn_enabled
 from zoo.models.layers import Residual
 
 __all__ = ["nhwc_applies", "hooked", "run_nhwc"]
@@ -66,7 +66,7 @@ def run_nhwc(module: nn.Module, t: torch.Tensor, add: torch.Tensor | None = None
         # Inference: stochastic depth is the identity, so the branch's sum is fused into it.
         y = run_nhwc(mods["m"], t, add=t)
         return y if add is None else y + add
-    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+    if isinstance(module, nn.Sequential) and type(module).forward in _PLAIN_SEQUENCES:
         y = _run_sequence(list(module._modules.values()), t)
         return y if add is None else y + add
     if isinstance(module, nn.Identity):
@@ -75,6 +75,10 @@ def run_nhwc(module: nn.Module, t: torch.Tensor, add: torch.Tensor | None = None
         y = F.relu(t)
         return y if add is None else y.add_(add)
     return nchw_fallback(module, t, add=add)
+
+
+# Sequentials whose forward is the plain chain (DeploySequential's only fuses activations)
+_PLAIN_SEQUENCES = (nn.Sequential.forward, DeploySequential.forward)
 
 
 def _run_sequence(mods: list[nn.Module], t: torch.Tensor) -> torch.Tensor:
