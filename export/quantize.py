@@ -40,6 +40,9 @@ class QuantRule:
     keep_float: tuple[str, ...] = ()
     float_depthwise: bool = False  # keep depthwise convolutions float (little arithmetic to save)
     min_weights: int = 0  # keep float a Conv / Gemm / MatMul whose weight has fewer elements
+    # keep float a MatMul of two activations (attention's q @ k and softmax @ v): softmax
+    # probabilities in uint8 steps of 1/255 lose the small weights, for little arithmetic
+    float_activation_matmul: bool = False
     note: str = ""
 
 
@@ -166,14 +169,19 @@ def _run(ort, path: Path, images: Sequence[np.ndarray], threads: int) -> np.ndar
 
 
 def _kept_float(path: Path, rule: QuantRule) -> list[str]:
-    """Names of the nodes `rule` keeps float: matching a `keep_float` pattern, or depthwise
-    convolutions (``group`` equal to the channels, one input channel per group) when asked."""
+    """Names of the nodes `rule` keeps float: matching a `keep_float` pattern, depthwise
+    convolutions (``group`` equal to the channels, one input channel per group) and matrix
+    products of two activations (no operand a constant) when asked."""
     onnx = require("onnx", "export", "int8 quantization")
     graph = onnx.load(str(path)).graph
     shapes = {i.name: tuple(i.dims) for i in graph.initializer}
+    constants = set(shapes) | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     keep = set()
     for n in graph.node:
         if any(re.search(p, n.name) for p in rule.keep_float):
+            keep.add(n.name)
+        elif (rule.float_activation_matmul and n.op_type == "MatMul"
+              and not any(i in constants for i in n.input[:2])):
             keep.add(n.name)
         elif n.op_type in ("Conv", "Gemm", "MatMul") and len(n.input) > 1:
             w = shapes.get(n.input[1])

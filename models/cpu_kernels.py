@@ -175,6 +175,9 @@ def probe_onednn() -> tuple[bool, str]:
                 checks["_convolution_pointwise.default gelu" + name] = (
                     ops._convolution_pointwise.default(xl, pc, bc, [1, 1], [1, 1], [1, 1], 8, "gelu", [], "none"),
                     F.gelu(ref))
+                checks["_convolution_pointwise.default gelu tanh" + name] = (
+                    ops._convolution_pointwise.default(xl, pc, bc, [1, 1], [1, 1], [1, 1], 8, "gelu", [], "tanh"),
+                    F.gelu(ref, approximate="tanh"))
             checks["gelu_"] = (torch._C._nn.gelu_(x.clone(), approximate="none"), F.gelu(x))
         for name, (got, want) in checks.items():
             if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
@@ -390,8 +393,10 @@ class DeployConv2d(nn.Conv2d):
         if x.dim() == 4 and eager_cpu_inference(x, self.weight):
             y = self._forward_fast(x, act)
             return _act_(super().forward(x), act) if y is None else y
-        y = super().forward(x)
-        return _act_(y.clone(), act) if act != "none" else y
+        y = super().forward(x)  # autograd or graph capture: out of place
+        if act == "relu":
+            return F.relu(y)
+        return F.gelu(y, approximate="none" if act == "gelu" else "tanh") if act != "none" else y
 
     def forward_add(self, x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
         """``self(x) + add`` (`add` the output's shape), the sum fused into the product where

@@ -436,9 +436,9 @@ class EfficientFormer(DistilledClassifier, nn.Module):
     # int8 ONNX (zoo.export.quantize_onnx): every dense convolution and matrix product with
     # per-channel weights; the pooling mixer's 1x1 depthwise scales (on the residual stream,
     # with nothing to gain from int8), norms, GELU and softmax stay float
-    int8_rule = {"op_types": ("Conv", "MatMul", "Gemm"), "float_depthwise": True,
-                 "note": "dense convolutions and matrix products; the mixer's depthwise scales, norms, GELU and "
-                         "softmax float"}
+    int8_rule = {"op_types": ("Conv", "MatMul", "Gemm"), "float_depthwise": True, "float_activation_matmul": True,
+                 "note": "dense convolutions and products with weights; the mixer's depthwise scales, attention's "
+                         "activation products, norms, GELU and softmax float"}
 
     def __init__(
         self,

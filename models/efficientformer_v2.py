@@ -391,8 +391,9 @@ class EfficientFormerV2(DistilledClassifier, nn.Module):
     after the final BatchNorm (7x7 at 224).
     """
 
-    int8_rule = {"op_types": ("Conv", "MatMul", "Gemm"),
-                 "note": "convolutions and matrix products; norms, GELU and softmax float"}
+    int8_rule = {"op_types": ("Conv", "MatMul", "Gemm"), "float_activation_matmul": True,
+                 "note": "convolutions and products with weights; attention's activation products, norms, GELU "
+                         "and softmax float"}
 
     def __init__(
         self,

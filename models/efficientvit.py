@@ -468,7 +468,9 @@ class EfficientVit(ImageModel, nn.Module):
     # int8 ONNX: its layers are so narrow that a quantize/dequantize pass costs about what the
     # int8 arithmetic saves; only the widest products are quantized, depthwise convs stay float
     int8_rule = {"op_types": ("Conv", "MatMul", "Gemm"), "float_depthwise": True, "min_weights": 32768,
-                 "note": "only convolutions and products with at least 32768 weights; depthwise float"}
+                 "float_activation_matmul": True,
+                 "note": "only convolutions and products with at least 32768 weights; depthwise convs and "
+                         "attention's activation products float"}
 
     def __init__(
         self,

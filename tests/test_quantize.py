@@ -84,6 +84,28 @@ def test_a_rule_keeps_named_layers_float_and_a_low_agreement_leaves_nothing(fp32
         quantize_onnx(folder / "l1.onnx", tmp_path / "x.onnx", [], images(2, 1))
 
 
+def _activation_matmuls_in_int8(path) -> int:
+    """MatMuls whose two operands are both dequantized activations (no int8 constant)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    inits = {i.name for i in graph.initializer}
+    dq_of_act = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in inits}
+    return sum(1 for n in graph.node if n.op_type == "MatMul" and all(i in dq_of_act for i in n.input[:2]))
+
+
+def test_a_rule_can_keep_attention_products_float(fp32_onnx, tmp_path):
+    folder, _ = fp32_onnx
+    base = QuantRule(("Conv", "MatMul", "Gemm"))
+    rule = QuantRule(("Conv", "MatMul", "Gemm"), float_activation_matmul=True)
+    a = quantize_onnx(folder / "l1.onnx", tmp_path / "a.int8.onnx", images(8, 0), images(4, 1), rule=base, min_agreement=0)
+    b = quantize_onnx(folder / "l1.onnx", tmp_path / "b.int8.onnx", images(8, 0), images(4, 1), rule=rule, min_agreement=0)
+    assert _activation_matmuls_in_int8(tmp_path / "a.int8.onnx") >= 2  # q @ k and softmax @ v of the Meta3D block
+    assert _activation_matmuls_in_int8(tmp_path / "b.int8.onnx") == 0 and len(b.keep_float) >= 2
+    # the products with weights stay int8
+    assert a.int8_weight_nodes == b.int8_weight_nodes > 10
+
+
 def _never(folder, tmp_path):
     """A model calibrated on tiny-range images and checked on huge ones disagrees: refused."""
     calib = [x * 1e-3 for x in images(4, 0)]
