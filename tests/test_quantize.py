@@ -38,7 +38,9 @@ def test_int8_onnx_is_quantized_verified_and_reported(fp32_onnx):
     import onnx
 
     folder, model = fp32_onnx
-    rep = quantize_onnx(folder / "l1.onnx", folder / "l1.int8.onnx", images(16, 0), images(12, 1), min_agreement=0.5,
+    # a random-weight model gives nearly the same logits for every image, so its top-1 agreement is
+    # arbitrary: checked below against what the two files give, not against a bar
+    rep = quantize_onnx(folder / "l1.onnx", folder / "l1.int8.onnx", images(16, 0), images(12, 1), min_agreement=0,
                         labels=[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1])
     graph = onnx.load(str(folder / "l1.int8.onnx")).graph
     ops = {n.op_type for n in graph.node}
@@ -51,7 +53,7 @@ def test_int8_onnx_is_quantized_verified_and_reported(fp32_onnx):
     kinds = set(int8_weight_nodes(folder / "l1.int8.onnx").values())
     assert "Conv" in kinds and kinds & {"MatMul", "Gemm"}  # the default rule: convolutions and products
     assert rep.int8_weight_nodes > 10 and rep.calib_images == 16 and rep.val_images == 12
-    assert 0.5 <= rep.top1_agreement <= 1 and rep.mean_abs_logit_diff > 0
+    assert 0 <= rep.top1_agreement <= 1 and 0 < rep.mean_abs_logit_diff < 0.1
     assert rep.top1_fp32 is not None and rep.top1_int8 is not None
     # the reported agreement is what the two files give
     import onnxruntime as ort
