@@ -32,27 +32,38 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a few epochs only (checks the script, not the weights)")
     p.add_argument("--install", action="store_true",
                    help="also overwrite the package's weights file (then update TINY_SHA256 to the printed digest)")
-    p.add_argument("--distill-pairs", type=int, default=256,
-                   help="(noise, sample) pairs for distillation; the shipped weights used 256")
+    # the shipped recipe (the defaults): 2048 shapes, ~6k flow updates with EMA, 512 reflow
+    # pairs, 1024 distillation pairs, EMA on the one-step model too
+    p.add_argument("--num-shapes", type=int, default=2048, help="procedural training shapes (1/8 held out)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--flow-epochs", type=int, default=54)
+    p.add_argument("--reflow-pairs", type=int, default=512, help="(noise, sample) pairs for the reflow stage")
+    p.add_argument("--reflow-epochs", type=int, default=15)
+    p.add_argument("--distill-pairs", type=int, default=1024, help="(noise, sample) pairs for distillation")
+    p.add_argument("--distill-epochs", type=int, default=25)
+    p.add_argument("--pair-steps", type=int, default=30, help="Euler steps of the teacher that makes each pair set")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     card = model_card("psf_tiny")
     cfg = psf_config(**{**card.config, "dropout": 0.0})
     q = args.quick
     train = {
-        "flow": TrainConfig(epochs=2 if q else 80, opt="adam", lr=2e-3, weight_decay=0.0, sched="cosine",
-                            warmup_epochs=0 if q else 2, batch_size=16, model_ema=not q, model_ema_decay=0.998,
-                            log_interval=0, seed=0),
-        "reflow": TrainConfig(epochs=1 if q else 30, opt="adam", lr=5e-4, weight_decay=0.0, sched="cosine",
-                              batch_size=16, log_interval=0, seed=1),
-        "distill": TrainConfig(epochs=1 if q else 40, opt="adam", lr=5e-4, weight_decay=0.0, sched="cosine",
-                               batch_size=16, log_interval=0, seed=2),
+        "flow": TrainConfig(epochs=2 if q else args.flow_epochs, opt="adam", lr=2e-3, weight_decay=0.0,
+                            sched="cosine", warmup_epochs=0 if q else 2, batch_size=args.batch_size, model_ema=not q,
+                            model_ema_decay=0.999, log_interval=0, seed=0),
+        "reflow": TrainConfig(epochs=1 if q else args.reflow_epochs, opt="adam", lr=5e-4, weight_decay=0.0,
+                              sched="cosine", batch_size=args.batch_size, model_ema=not q, model_ema_decay=0.995,
+                              log_interval=0, seed=1),
+        "distill": TrainConfig(epochs=1 if q else args.distill_epochs, opt="adam", lr=5e-4, weight_decay=0.0,
+                               sched="cosine", batch_size=args.batch_size, model_ema=not q, model_ema_decay=0.995,
+                               log_interval=0, seed=2),
     }
     start = time.time()
-    paths = run_pipeline(args.out, cfg, train, data="procedural", num_shapes=64 if q else 512,
-                         num_pairs=16 if q else 256, reflow_steps=5 if q else 50, distill_steps=5 if q else 50,
+    steps = 5 if q else args.pair_steps
+    paths = run_pipeline(args.out, cfg, train, data="procedural", num_shapes=64 if q else args.num_shapes,
+                         num_pairs=16 if q else args.reflow_pairs, reflow_steps=steps, distill_steps=steps,
                          distill_pairs=16 if q else args.distill_pairs,
-                         batch_size=16, seed=0, normalize_data=True)
+                         batch_size=args.batch_size, seed=0, normalize_data=True)
     sd = read_state_dict(paths["distill"], prefer_ema=True)
     half = {f"velocity.{k}": v.half().contiguous() for k, v in sd.items()}
     # the data statistics stay in float32: they scale every generated point

@@ -57,7 +57,8 @@ class InputSpec:
     """What a model's forward takes by default (batch dimension excluded).
 
     kind: ``image`` (a float ``[B, C, H, W]`` tensor, normalised with `mean`/`std`);
-    ``point-noise`` (a ``[B, N, 3]`` cloud); ``lidar-points`` (a detector's batch dict with
+    ``point-noise`` (a ``[B, N, 3]`` cloud); ``partial-points`` (shape ``(K, M, 3)``: ``K``
+    given points ``[B, K, 3]`` and the noise of ``M`` generated ones ``[B, M, 3]``); ``lidar-points`` (a detector's batch dict with
     ``points [B * N, 5]``: batch index, x, y, z, reflectance); ``lidar-camera`` (shape
     ``(N, 5, H, W)``: the same plus an ``[H, W, 3]`` uint8 ``image`` per sample and its
     ``lidar_to_image [B, 3, 4]`` projection).
@@ -91,6 +92,9 @@ class InputSpec:
                                   for _ in range(batch_size)]
                 batch["lidar_to_image"] = m.expand(batch_size, 3, 4).clone()
             return (batch,)
+        if self.kind == "partial-points":
+            k, m, d = self.shape
+            return (0.2 * torch.randn((batch_size, k, d), generator=g), torch.randn((batch_size, m, d), generator=g))
         return (torch.randn((batch_size, *self.shape), generator=g),)
 
     def to_dict(self) -> dict:

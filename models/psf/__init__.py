@@ -1,8 +1,9 @@
 """PSF: point cloud generation with straight flows (arXiv 2212.01747), on a pure-PyTorch PVCNN2.
 
 Registers ``psf_airplane``, ``psf_chair``, ``psf_car`` (the paper's PVCNN2 at 2048 points;
-the authors released no weights) and ``psf_tiny`` (a narrow PVCNN2 at 512 points that trains
-on a CPU, with weights trained in this repo on the built-in procedural shapes).
+the authors released no weights), ``psf_tiny`` (a narrow PVCNN2 at 512 points that trains
+on a CPU, with weights trained in this repo on the built-in procedural shapes) and
+``psf_tiny_completion`` (its conditional form: a partial cloud in, the whole shape out).
 """
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import torch
 from zoo.hub import WeightEntry
 from zoo.registry import InputSpec, ModelCard, Paper, register_model
 
+from .completion import PSFCompletion
 from .flow import OneStepGenerator, flow_loss, sample_euler, sample_rk45
 from .model import PSF
 from .pvcnn import PVCNN2, PVCNN2Config, PVD_FP_BLOCKS, PVD_SA_BLOCKS
 
-__all__ = ["PSF", "PVCNN2", "PVCNN2Config", "build_psf", "psf_config", "TINY_SA_BLOCKS", "TINY_FP_BLOCKS",
+__all__ = ["PSF", "PSFCompletion", "build_psf_completion", "PVCNN2", "PVCNN2Config", "build_psf", "psf_config", "TINY_SA_BLOCKS", "TINY_FP_BLOCKS",
            "OneStepGenerator", "flow_loss", "sample_euler", "sample_rk45"]
 
 PAPER = Paper("Fast Point Cloud Generation with Straight Flows", "2212.01747", "https://github.com/klightz/PSF")
@@ -54,7 +56,7 @@ LAYOUTS = {"official": _from_velocity_keys}
 
 def psf_config(blocks: str = "pvd", num_points: int = 2048, embed_dim: int = 64, width_multiplier: float = 1.0,
                voxel_resolution_multiplier: float = 1.0, use_att: bool = True, dropout: float = 0.1,
-               grouping: str = "ball") -> PVCNN2Config:
+               grouping: str = "ball", extra_feature_channels: int = 0) -> PVCNN2Config:
     if blocks not in ("pvd", "tiny"):
         raise ValueError(f"blocks must be 'pvd' or 'tiny', not {blocks!r}")
     sa, fp = (PVD_SA_BLOCKS, PVD_FP_BLOCKS) if blocks == "pvd" else (TINY_SA_BLOCKS, TINY_FP_BLOCKS)
@@ -62,7 +64,7 @@ def psf_config(blocks: str = "pvd", num_points: int = 2048, embed_dim: int = 64,
         raise ValueError(f"grouping must be 'ball' or 'knn', not {grouping!r}")
     return PVCNN2Config(num_points=num_points, embed_dim=embed_dim, use_att=use_att, dropout=dropout,
                         width_multiplier=width_multiplier, voxel_resolution_multiplier=voxel_resolution_multiplier,
-                        sa_blocks=sa, fp_blocks=fp, grouping=grouping)
+                        sa_blocks=sa, fp_blocks=fp, grouping=grouping, extra_feature_channels=extra_feature_channels)
 
 
 def build_psf(blocks: str = "pvd", num_points: int = 2048, embed_dim: int = 64, width_multiplier: float = 1.0,
@@ -70,6 +72,15 @@ def build_psf(blocks: str = "pvd", num_points: int = 2048, embed_dim: int = 64, 
               grouping: str = "ball") -> PSF:
     return PSF(psf_config(blocks, num_points, embed_dim, width_multiplier, voxel_resolution_multiplier,
                           use_att, dropout, grouping))
+
+
+def build_psf_completion(blocks: str = "tiny", num_points: int = 512, embed_dim: int = 32,
+                         width_multiplier: float = 0.25, voxel_resolution_multiplier: float = 0.5,
+                         use_att: bool = True, dropout: float = 0.1, grouping: str = "ball",
+                         num_given: int = 128) -> PSFCompletion:
+    """The completion model: `psf_config` with the given-point flag channel, ``num_given`` given points."""
+    return PSFCompletion(psf_config(blocks, num_points, embed_dim, width_multiplier, voxel_resolution_multiplier,
+                                    use_att, dropout, grouping, extra_feature_channels=1), num_given)
 
 
 for _cat in ("airplane", "chair", "car"):
@@ -95,4 +106,21 @@ register_model(ModelCard(
     default_tag="procedural" if TINY_WEIGHTS.is_file() else None,
     license="MIT",
     description="A CPU-sized PSF (512 points, quarter-width PVCNN2) distilled to one step on the built-in shapes.",
+))
+
+TINY_COMPLETION_CONFIG = {**TINY_CONFIG, "num_given": 128}
+TINY_COMPLETION_WEIGHTS = Path(__file__).parent / "weights" / "psf_tiny_completion_procedural.safetensors"
+TINY_COMPLETION_SHA256 = ""
+register_model(ModelCard(
+    name="psf_tiny_completion", family="psf", task="point-cloud-completion", paper=PAPER,
+    builder=build_psf_completion, config=TINY_COMPLETION_CONFIG, input=InputSpec("partial-points", (128, 384, 3)),
+    layouts=LAYOUTS,
+    weights={"procedural": WeightEntry(
+        "procedural", "package:zoo.models.psf/weights/psf_tiny_completion_procedural.safetensors",
+        format="safetensors", sha256=TINY_COMPLETION_SHA256, license="MIT",
+        description="flow (from psf_tiny's flow), reflow and distillation on cut procedural shapes "
+                    "(benchmarks/train_psf_tiny.py --completion)")} if TINY_COMPLETION_WEIGHTS.is_file() else {},
+    default_tag="procedural" if TINY_COMPLETION_WEIGHTS.is_file() else None,
+    license="MIT",
+    description="psf_tiny conditioned on a partial cloud (128 given points, 384 generated): one-step completion.",
 ))

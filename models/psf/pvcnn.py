@@ -306,8 +306,19 @@ class PVCNN2(nn.Module):
                                          in_features_list[-1 - fp_idx], temb))
         return self.classifier(features)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Velocity ``[B,N,3]`` at points ``x [B,N,3]`` and times ``t [B]`` in ``[0, 1]``."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """Velocity ``[B,N,3]`` at points ``x [B,N,3]`` and times ``t [B]`` in ``[0, 1]``.
+
+        ``features [B,N,extra_feature_channels]``: per-point inputs beside the coordinates
+        (required when the config has any, e.g. the completion model's given-point flag).
+        """
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t.reshape(-1)
-        out = self.forward_channels_first(x.transpose(1, 2), t * self.config.time_scale)
+        inputs = x.transpose(1, 2)
+        if self.config.extra_feature_channels:
+            if features is None or features.shape[:2] != x.shape[:2] or \
+                    features.shape[2] != self.config.extra_feature_channels:
+                raise ValueError(f"this PVCNN2 takes {self.config.extra_feature_channels} feature channel(s) per "
+                                 f"point beside the coordinates: features [B,N,C] for x {tuple(x.shape)}")
+            inputs = torch.cat([inputs, features.transpose(1, 2).to(x.dtype)], 1)
+        out = self.forward_channels_first(inputs, t * self.config.time_scale)
         return out.transpose(1, 2)

@@ -1,4 +1,4 @@
-"""`zoo sample` and `zoo evaluate`: point cloud generation and its metrics."""
+"""`zoo sample`, `zoo evaluate` and `zoo complete`: point cloud generation, its metrics, completion."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -53,10 +53,14 @@ def _cmd_sample(args) -> int:
     args.num = (4 if humans else 16) if args.num is None else args.num
     if args.num < 1 or args.steps < 1:
         raise ConfigError("--num and --steps must be at least 1.")
+    if humans and (args.prompt is not None or args.clip is not None):
+        raise ConfigError(f"--prompt/--clip steer point cloud generators (psf_*); {args.name} takes none.")
     if humans:
         from zoo.cli.sample_humans import sample_humans
 
         return sample_humans(args, model)
+    if args.prompt is not None or args.clip is not None:
+        return _sample_guided(args, model)
     start = _time.perf_counter()
     clouds = model.sample(args.num, steps=args.steps, method=args.method, seed=args.seed)
     ms = (_time.perf_counter() - start) * 1e3
@@ -64,6 +68,85 @@ def _cmd_sample(args) -> int:
     how = f"{args.steps}-step Euler" if args.method == "euler" else "adaptive RK45"
     print(f"{args.name}: {args.num} clouds of {model.num_points} points, {how}, {ms:.0f} ms; "
           f"wrote {len(written)} files to {args.out} (grid: {Path(args.out) / 'samples.png'})")
+    return 0
+
+
+def _sample_guided(args, model) -> int:
+    """``--prompt`` with ``--clip``: one-step samples whose noise climbed the CLIP score of the prompt."""
+    import time as _time
+
+    from zoo.data.pointcloud_io import save_clouds
+    from zoo.errors import ConfigError
+    from zoo.io import atomic_write_json
+    from zoo.models.psf.guidance import load_clip, text_guided_sample
+
+    if args.prompt is None:
+        raise ConfigError("--clip is for text guidance: add --prompt \"a chair\" (or drop --clip).")
+    if args.clip is None:
+        raise ConfigError("--prompt needs CLIP weights, which zoo never downloads: pass --clip DIR (a folder with "
+                          "open_clip_config.json and its weights, e.g. an open_clip model from the Hugging Face Hub "
+                          "downloaded beforehand) or --clip FILE --clip-arch ViT-B-32 (an open_clip checkpoint).")
+    if args.steps != 1 or args.method != "euler":
+        raise ConfigError("text guidance steers the one-step generator: drop --steps/--method.")
+    if args.guidance_steps < 0:
+        raise ConfigError("--guidance-steps must be at least 0.")
+    encoder = load_clip(args.clip, args.clip_arch)
+    start = _time.perf_counter()
+    result = text_guided_sample(model, encoder, args.prompt, num=args.num, steps=args.guidance_steps,
+                                lr=args.guidance_lr, seed=args.seed)
+    ms = (_time.perf_counter() - start) * 1e3
+    written = save_clouds(args.out, result.points.numpy())
+    sim = result.similarity
+    atomic_write_json(Path(args.out) / "guidance.json", {
+        "model": args.name, "prompt": args.prompt, "clip": str(args.clip), "clip_arch": args.clip_arch,
+        "guidance_steps": args.guidance_steps, "lr": args.guidance_lr, "seed": args.seed,
+        "similarity_per_step": sim.mean(1).tolist(), "similarity_per_cloud": sim.T.tolist()})
+    print(f"{args.name}: {args.num} clouds guided by {args.prompt!r} ({args.guidance_steps} steps, {ms:.0f} ms); "
+          f"CLIP similarity {sim[0].mean():.4f} -> {sim[-1].mean():.4f} (best kept per cloud: "
+          f"{sim.max(0).values.mean():.4f}); wrote {len(written)} files and guidance.json to {args.out}")
+    return 0
+
+
+def _cmd_complete(args) -> int:
+    """A partial cloud (``--input``) completed by a completion model: ``.npy``/``.ply`` and a PNG."""
+    import io
+    import time as _time
+
+    import numpy as np
+
+    from zoo.data.pointcloud_io import read_cloud, render_grid, save_clouds
+    from zoo.errors import ConfigError
+    from zoo.io import atomic_write, atomic_write_json
+
+    if args.num < 1 or args.steps < 1:
+        raise ConfigError("--num and --steps must be at least 1.")
+    partial = read_cloud(args.input)  # read and checked before the model is built
+    model = _generator(args, ("point-cloud-completion",))
+    start = _time.perf_counter()
+    clouds = model.complete(partial, steps=args.steps, seed=args.seed, num=args.num)
+    ms = (_time.perf_counter() - start) * 1e3
+    out = Path(args.out)
+    written = save_clouds(out, clouds.numpy(), prefix="completion", grid=False)
+    png = io.BytesIO()
+    cells = [partial] + list(clouds.numpy())
+    labels = [f"partial ({len(partial)} points)"] + [f"completed {i}" for i in range(args.num)]
+    render_grid(cells, cols=len(cells), labels=labels, highlight=[0] + [model.num_given] * args.num,
+                shared_frame=True).save(png, format="PNG")
+    with atomic_write(out / "completion.png", "wb") as f:
+        f.write(png.getvalue())
+    atomic_write_json(out / "completion.json", {
+        "model": args.name, "input": str(args.input), "input_points": int(len(partial)), "steps": args.steps,
+        "seed": args.seed, "num": args.num, "given_points": model.num_given, "output_points": model.num_points,
+        "ms": ms, "note": f"each completed cloud starts with the {model.num_given} given points "
+                          "(the input, resampled), then the generated ones"})
+    # every input point's distance to the nearest output point, against the output's extent
+    done = clouds[0].numpy()
+    gap = np.sqrt(((partial[:, None] - done[None]) ** 2).sum(-1)).min(1).max()
+    extent = float(np.linalg.norm(done.max(0) - done.min(0)))
+    print(f"{args.name}: {len(partial)} given points -> {args.num} cloud(s) of {model.num_points} points, "
+          f"{args.steps}-step Euler, {ms:.0f} ms; wrote {len(written) + 2} files to {out} "
+          f"(picture: {out / 'completion.png'}); every input point lies within {gap:.3g} of the output "
+          f"({gap / max(extent, 1e-12):.1%} of its extent)")
     return 0
 
 
@@ -114,12 +197,31 @@ def register(sub) -> None:
     _sample_args(s)
     s.add_argument("--num", type=int, default=None, help="samples (default 16 clouds, 4 humans)")
     s.add_argument("--out", required=True)
+    t = s.add_argument_group("text guidance (point cloud generators; needs CLIP weights you provide)")
+    t.add_argument("--prompt", default=None, help="steer the one-step samples toward this text")
+    t.add_argument("--clip", default=None, help="an open_clip model folder (open_clip_config.json + weights), or a "
+                                                "checkpoint file with --clip-arch; nothing is downloaded")
+    t.add_argument("--clip-arch", default=None, help="open_clip architecture of a --clip checkpoint file (ViT-B-32...)")
+    t.add_argument("--guidance-steps", type=int, default=20, help="gradient steps on the noise (default 20)")
+    t.add_argument("--guidance-lr", type=float, default=0.05, help="Adam learning rate on the noise")
     h = s.add_argument_group("layered-surface humans (lsv_*)")
     h.add_argument("--pose", default="rest", help="rest, walk, or a .npy of axis-angles [24, 3], [72] or [P, 24, 3]")
     h.add_argument("--views", type=int, default=4, help="cameras around the body (default 4)")
     h.add_argument("--psi", type=float, default=1.0, help="truncation psi (1: none)")
     h.add_argument("--resolution", type=int, default=None, help="image size (default: the model's)")
     s.set_defaults(func=_cmd_sample, cmd="sample")
+
+    s = sub.add_parser("complete", help="complete a partial point cloud (.npy or .ply) with a completion model "
+                                        "(psf_tiny_completion): .npy, .ply and a PNG of partial vs completed")
+    s.add_argument("name")
+    s.add_argument("--input", required=True, help="the partial cloud: .npy [M, 3] or .ply, at least 16 points")
+    s.add_argument("--out", required=True)
+    s.add_argument("--pretrained", default=None, help="weight tag or checkpoint file (default: the model's weights)")
+    s.add_argument("--random", action="store_true", help="allow an untrained network (no weights)")
+    s.add_argument("--steps", type=int, default=1, help="Euler steps (default 1: the distilled one-step map)")
+    s.add_argument("--num", type=int, default=1, help="completions of the same input (different noise)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_complete, cmd="complete")
 
     s = sub.add_parser("evaluate", help="MMD/COV/1-NNA (CD, EMD) and JSD of generated clouds against references; "
                                         "FID/KID, silhouette IoU and multi-view consistency of generated humans")

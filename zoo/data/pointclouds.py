@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from zoo.errors import DataError
 
 __all__ = ["SYNSET_IDS", "ShapeNetPC15k", "ProceduralShapes", "PROCEDURAL_CLASSES", "global_normalize",
-           "procedural_references"]
+           "procedural_references", "crop_half", "ProceduralCompletion"]
 
 # The categories the PSF paper reports on; PointFlow's list has all 55.
 SYNSET_IDS = {"airplane": "02691156", "chair": "03001627", "car": "02958343", "table": "04379243",
@@ -206,3 +206,52 @@ class ProceduralShapes(Dataset):
         return {"idx": idx, "train_points": torch.from_numpy(train[tr]), "test_points": torch.from_numpy(test[te]),
                 "cate_idx": cls, "mean": torch.from_numpy(self.mean).float(), "std": torch.from_numpy(self.std).float(),
                 "sid": self.classes[cls], "mid": f"{self.classes[cls]}_{idx:04d}"}
+
+
+def crop_half(points: np.ndarray, direction: np.ndarray) -> np.ndarray:
+    """The points ``[M,3]`` of ``points [N,3]`` on the side of the centroid that ``direction`` points to:
+    what a cut through the middle of the shape leaves (the partial input of completion)."""
+    d = np.asarray(direction, np.float64).reshape(3)
+    d = d / max(np.linalg.norm(d), 1e-12)
+    keep = (points - points.mean(0)) @ d >= 0
+    return points[keep]
+
+
+class ProceduralCompletion(Dataset):
+    """Partial/complete pairs made from `ProceduralShapes`, for the completion model.
+
+    Item: ``given [num_given,3]`` (``num_given`` points drawn from the half of the shape
+    that a cut through its centroid, normal to a random direction, leaves), ``train_points
+    [num_points - num_given, 3]`` (points of the whole shape: what the model generates),
+    ``complete [num_points, 3]`` (held-out points of the whole shape, to measure against),
+    plus ``idx``, ``mean``, ``std``. With ``random_view`` (training) the direction and the
+    draws change on every access; without it they are fixed per ``(seed, index)``
+    (evaluation). Normalization as `ProceduralShapes` (``mean``/``std`` from the training set).
+    """
+
+    def __init__(self, num_shapes: int = 64, num_points: int = 512, num_given: int = 128, seed: int = 0,
+                 random_view: bool = True, normalize: bool = False, mean=None, std=None):
+        if not 1 <= num_given < num_points:
+            raise DataError(f"num_given must be in [1, {num_points}), not {num_given}")
+        self.shapes = ProceduralShapes(num_shapes, tr_sample_size=num_points, te_sample_size=num_points, seed=seed,
+                                       normalize=normalize, mean=mean, std=std)
+        self.mean, self.std = self.shapes.mean, self.shapes.std
+        self.num_points, self.num_given, self.seed, self.random_view = num_points, num_given, seed, random_view
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __getitem__(self, idx: int) -> dict:
+        rng = np.random.default_rng(np.random.randint(2 ** 31)) if self.random_view else np.random.default_rng([self.seed, idx, 7])
+        sh = self.shapes
+        train, test = sh.points[idx, :sh.half], sh.points[idx, sh.half:]
+        direction = rng.normal(size=3)
+        visible = crop_half(train, direction)
+        given = visible[rng.choice(len(visible), self.num_given, replace=len(visible) < self.num_given)]
+        gen = train[rng.choice(sh.half, self.num_points - self.num_given, replace=False)]
+        complete = test[rng.choice(sh.half, self.num_points, replace=False)]
+        return {"idx": idx, "given": torch.from_numpy(given.astype(np.float32)),
+                "train_points": torch.from_numpy(gen.astype(np.float32)),
+                "complete": torch.from_numpy(complete.astype(np.float32)),
+                "direction": torch.from_numpy(direction.astype(np.float32)),
+                "mean": torch.from_numpy(self.mean).float(), "std": torch.from_numpy(self.std).float()}

@@ -7,6 +7,13 @@
 3. ``distill``: pairs from the stage-2 model's multi-step sampler; a model initialised from
    stage 2 learns the one-step map ``x0 + v(x0, 0)`` under Chamfer distance (or EMD).
 
+With ``num_given > 0`` the same stages train the completion model
+(`zoo.models.psf.completion`): the data are partial/complete pairs
+(`zoo.data.pointclouds.ProceduralCompletion`), the network sees the given points beside
+the generated ones, every loss is on the generated points only, and the pairs files also
+hold each pair's given points (``given [P,K,3]``). Its flow stage may start from a
+generator's checkpoint (``init``), widened for the given-point flag.
+
 :func:`run_pipeline` runs all three (and both pair generations) into one folder.
 Pairs files are safetensors with ``x0`` and ``x1`` ``[P,N,3]`` float32, written atomically.
 """
@@ -15,6 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
@@ -22,12 +30,14 @@ from torch.utils.data import Dataset
 from zoo.errors import ConfigError, DataError
 from zoo.io import atomic_write
 from zoo.metrics.pointcloud import chamfer_distance, emd
+from zoo.models.psf.completion import ConditionedField, widen_state_dict
 from zoo.models.psf.flow import flow_loss, sample_euler
 from zoo.models.psf.pvcnn import PVCNN2, PVCNN2Config
 from zoo.train.engine import Dist, Engine, TrainConfig, epoch_loader, setup_distributed
-from zoo.data.pointclouds import ProceduralShapes, ShapeNetPC15k
+from zoo.data.pointclouds import ProceduralCompletion, ProceduralShapes, ShapeNetPC15k
 
-__all__ = ["distill_loss", "PSFConfig", "PSFTask", "PairsDataset", "make_pairs", "run_pipeline", "load_velocity"]
+__all__ = ["distill_loss", "PSFConfig", "PSFTask", "PairsDataset", "make_pairs", "make_completion_pairs",
+           "run_pipeline", "load_velocity"]
 
 STAGES = ("flow", "reflow", "distill")
 
@@ -57,13 +67,17 @@ class PSFConfig:
     init: str = ""                      # checkpoint to start from (previous stage)
     val_fraction: float = 0.125         # pairs / shapes held out for the eval loss (0: eval on train)
     distill_metric: str = "cd"
+    num_given: int = 0                  # > 0: the completion model, with this many given points
+    data_mean: tuple | None = None      # completion: the generator's normalization, to share its coordinates
+    data_std: float | None = None
     batch_size: int = 16
     workers: int = 0
     seed: int = 42
 
 
 class PairsDataset(Dataset):
-    """(noise, sample) pairs from :func:`make_pairs`: items ``{"x0": [N,3], "x1": [N,3]}``."""
+    """(noise, sample) pairs from :func:`make_pairs`: items ``{"x0": [N,3], "x1": [N,3]}``, plus
+    ``"given": [K,3]`` in a completion pairs file (:func:`make_completion_pairs`)."""
 
     def __init__(self, path: str | Path, indices: torch.Tensor | None = None):
         from safetensors.torch import load_file
@@ -72,9 +86,11 @@ class PairsDataset(Dataset):
         if not path.is_file():
             raise DataError(f"pairs file {path} does not exist; make it with make_pairs() or `run_pipeline`.")
         data = load_file(str(path))
-        if set(data) != {"x0", "x1"} or data["x0"].shape != data["x1"].shape or data["x0"].dim() != 3:
-            raise DataError(f"{path} is not a pairs file (want x0 and x1 of one shape [P,N,3]).")
-        self.x0, self.x1 = data["x0"], data["x1"]
+        if set(data) - {"given"} != {"x0", "x1"} or data["x0"].shape != data["x1"].shape or data["x0"].dim() != 3 \
+                or ("given" in data and (data["given"].dim() != 3 or len(data["given"]) != len(data["x0"]))):
+            raise DataError(f"{path} is not a pairs file (want x0 and x1 of one shape [P,N,3], and for completion "
+                            "given [P,K,3]).")
+        self.x0, self.x1, self.given = data["x0"], data["x1"], data.get("given")
         self.indices = torch.arange(len(self.x0)) if indices is None else indices
 
     def __len__(self) -> int:
@@ -82,7 +98,10 @@ class PairsDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         j = int(self.indices[i])
-        return {"x0": self.x0[j], "x1": self.x1[j]}
+        item = {"x0": self.x0[j], "x1": self.x1[j]}
+        if self.given is not None:
+            item["given"] = self.given[j]
+        return item
 
 
 @torch.no_grad()
@@ -102,12 +121,40 @@ def make_pairs(model: nn.Module, path: str | Path, num: int, num_points: int, st
     return path
 
 
+@torch.no_grad()
+def make_completion_pairs(model: nn.Module, path: str | Path, dataset: ProceduralCompletion, num: int, steps: int,
+                          seed: int = 0, batch_size: int = 16, device: str | torch.device = "cpu") -> Path:
+    """Completion pairs: ``num`` partial clouds from ``dataset`` (cycling through its shapes,
+    a fresh cut each), seeded noise for the generated points, the teacher's ``steps``-step result."""
+    from safetensors.torch import save
+
+    model = model.to(device).eval()
+    state = np.random.get_state()
+    np.random.seed(seed)
+    given = torch.stack([dataset[i % len(dataset)]["given"] for i in range(num)])
+    np.random.set_state(state)
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(num, dataset.num_points - dataset.num_given, 3, generator=g)
+    x1 = torch.cat([sample_euler(ConditionedField(model, given[s:s + batch_size].to(device)),
+                                 x0[s:s + batch_size].to(device), steps).cpu() for s in range(0, num, batch_size)])
+    path = Path(path)
+    with atomic_write(path, "wb") as f:
+        f.write(save({"x0": x0.contiguous(), "x1": x1.contiguous(), "given": given.contiguous()}))
+    return path
+
+
 def load_velocity(path: str | Path, config: PVCNN2Config, prefer_ema: bool = True) -> PVCNN2:
-    """A PVCNN2 with the weights of an engine checkpoint (EMA weights when present)."""
+    """A PVCNN2 with the weights of an engine checkpoint (EMA weights when present).
+
+    A generator's checkpoint loads into a network with extra input channels (the completion
+    model's flag) through `widen_state_dict`."""
     from zoo.hub import read_state_dict
 
     model = PVCNN2(config)
     sd = read_state_dict(Path(path), prefer_ema=prefer_ema)
+    if config.extra_feature_channels and set(sd) == set(model.state_dict()) and any(
+            sd[k].shape != v.shape for k, v in model.state_dict().items()):
+        sd = widen_state_dict(sd, model)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ConfigError(f"{path} does not fit this PVCNN2 config (missing {missing[:3]}, unexpected "
@@ -128,7 +175,15 @@ class PSFTask:
             raise ConfigError(f"distill_metric must be cd or emd, not {cfg.distill_metric!r}")
         self.cfg, self.env, self.arch = cfg, env, cfg.arch
         n = cfg.model.num_points
-        if cfg.stage == "flow":
+        if cfg.num_given and (cfg.data != "procedural" or cfg.model.extra_feature_channels != 1):
+            raise ConfigError("the completion model trains on the procedural shapes, with extra_feature_channels=1 "
+                              "in its PVCNN2Config (the given-point flag).")
+        if cfg.stage == "flow" and cfg.num_given:
+            full = ProceduralCompletion(cfg.num_shapes, n, cfg.num_given, seed=cfg.seed, random_view=True,
+                                        normalize=cfg.normalize_data, mean=cfg.data_mean, std=cfg.data_std)
+            size = len(full)
+            self.data_mean, self.data_std = full.mean, full.std
+        elif cfg.stage == "flow":
             if cfg.data == "procedural":
                 full = ProceduralShapes(cfg.num_shapes, tr_sample_size=n, te_sample_size=n, seed=cfg.seed,
                                         normalize=cfg.normalize_data)
@@ -141,14 +196,20 @@ class PSFTask:
                 raise ConfigError(f"stage {cfg.stage} trains on (noise, sample) pairs: pass pairs=<file>.")
             full = PairsDataset(cfg.pairs)
             size = len(full)
-            if full.x0.shape[1] != n:
+            if full.x0.shape[1] + (full.given.shape[1] if full.given is not None else 0) != n:
                 raise ConfigError(f"the pairs hold {full.x0.shape[1]} points but the model is built for {n}.")
+            if (full.given is not None) != bool(cfg.num_given):
+                raise ConfigError("completion pairs train the completion model (num_given > 0), generator pairs "
+                                  "the generator.")
         n_val = max(1, int(round(size * cfg.val_fraction))) if size > 1 and cfg.val_fraction > 0 else 0
         perm = torch.randperm(size, generator=torch.Generator().manual_seed(cfg.seed))
         val_idx, train_idx = perm[:n_val], perm[n_val:]
         if len(train_idx) == 0:
             raise DataError(f"{size} item(s) leave nothing to train on after holding out {n_val}.")
         self.train_set = torch.utils.data.Subset(full, train_idx.tolist())
+        if isinstance(full, ProceduralCompletion):  # a fixed cut per held-out shape: a steady eval loss
+            full = ProceduralCompletion(cfg.num_shapes, n, cfg.num_given, seed=cfg.seed, random_view=False,
+                                        normalize=cfg.normalize_data, mean=cfg.data_mean, std=cfg.data_std)
         self.val_set = torch.utils.data.Subset(full, val_idx.tolist()) if n_val else self.train_set
 
     def build_model(self) -> nn.Module:
@@ -162,6 +223,8 @@ class PSFTask:
 
     def _loss(self, model: nn.Module, batch, generator: torch.Generator | None = None) -> torch.Tensor:
         dev = self.env.device
+        if "given" in batch:  # completion: the field of the generated points given the partial ones
+            model = ConditionedField(model, batch["given"].to(dev))
         if self.cfg.stage == "flow":
             x1 = batch["train_points"].to(dev)
             x0 = t = None
@@ -201,7 +264,8 @@ class PSFTask:
 def run_pipeline(out: str | Path, model: PVCNN2Config, train: dict[str, TrainConfig], data: str = "procedural",
                  num_shapes: int = 64, num_pairs: int = 64, reflow_steps: int = 100, distill_steps: int = 100,
                  batch_size: int = 16, seed: int = 42, distill_metric: str = "cd", normalize_data: bool = False,
-                 env: Dist | None = None, distill_pairs: int | None = None) -> dict:
+                 env: Dist | None = None, distill_pairs: int | None = None, num_given: int = 0,
+                 flow_init: str | Path = "", data_mean=None, data_std=None) -> dict:
     """Flow, reflow pairs, reflow, distill pairs, distill; returns the checkpoints and pairs files.
 
     ``train`` maps each stage to its engine settings (epochs, lr...); their ``output`` is
@@ -209,22 +273,35 @@ def run_pipeline(out: str | Path, model: PVCNN2Config, train: dict[str, TrainCon
     normalization (``data_mean [1,3]``, ``data_std [1,1]``) to store with the generator.
     ``distill_pairs`` (default ``num_pairs``) sizes the distillation set on its own: the
     one-step generator is trained on those noises only.
+    ``num_given > 0`` trains the completion model (module docstring); ``flow_init`` starts
+    the flow stage from a checkpoint (for completion, a generator's, widened); ``data_mean``
+    and ``data_std`` fix the normalization (a generator's, so both share coordinates).
     """
     out = Path(out)
     env = env or setup_distributed("cpu")
     paths: dict[str, Path] = {}
-    init, pairs = "", ""
+    init, pairs = str(flow_init or ""), ""
+    mean = None if data_mean is None else tuple(float(v) for v in np.asarray(data_mean).reshape(-1))
+    std = None if data_std is None else float(np.asarray(data_std).reshape(-1)[0])
     for stage in STAGES:
         if stage in ("reflow", "distill"):
             teacher = load_velocity(init, model)
             steps = reflow_steps if stage == "reflow" else distill_steps
             count = num_pairs if stage == "reflow" or distill_pairs is None else distill_pairs
-            pairs = str(make_pairs(teacher, out / f"pairs_{stage}.safetensors", count, model.num_points,
-                                   steps, seed=seed + len(paths), batch_size=batch_size, device=env.device))
+            dest = out / f"pairs_{stage}.safetensors"
+            if num_given:
+                shapes = ProceduralCompletion(num_shapes, model.num_points, num_given, seed=seed, random_view=True,
+                                              normalize=normalize_data, mean=mean, std=std)
+                pairs = str(make_completion_pairs(teacher, dest, shapes, count, steps, seed=seed + len(paths),
+                                                  batch_size=batch_size, device=env.device))
+            else:
+                pairs = str(make_pairs(teacher, dest, count, model.num_points, steps, seed=seed + len(paths),
+                                       batch_size=batch_size, device=env.device))
             paths[f"pairs_{stage}"] = Path(pairs)
-        cfg = PSFConfig(stage=stage, arch=f"psf_{stage}", model=model, data=data, num_shapes=num_shapes,
+        prefix = "psf_completion" if num_given else "psf"
+        cfg = PSFConfig(stage=stage, arch=f"{prefix}_{stage}", model=model, data=data, num_shapes=num_shapes,
                         pairs=pairs, init=init, distill_metric=distill_metric, batch_size=batch_size, seed=seed,
-                        normalize_data=normalize_data)
+                        normalize_data=normalize_data, num_given=num_given, data_mean=mean, data_std=std)
         tc = train[stage]
         tc.output, tc.experiment = str(out), stage
         record = {"psf": {k: v for k, v in asdict(cfg).items() if k != "model"}, "model": asdict(model),
