@@ -1,18 +1,19 @@
 """PSF sampling: one step against 1000 Euler steps (same model, same noise, same run), and metrics.
 
     .venv/bin/python benchmarks/psf_sampling.py [--model psf_tiny] [--num 32] [--gap-num 128]
-        [--teacher runs/psf_tiny/reflow/model_best.pth.tar] [--timing-num 16] [--threads 2]
+        [--teacher runs/psf_tiny/reflow/model_best.pth.tar] [--before OLD.safetensors] [--timing-num 16]
+        [--threads 2] [--seed S] [--gap-ref-seed R]
 
 1. Wall time of ``--timing-num`` clouds with 1 Euler step and with 1000 (the paper's flow
-   baseline's step count), interleaved over ``--reps`` rounds; prints the ratio (goal:
-   at least 500x).
+   baseline's step count), interleaved over ``--reps`` rounds; prints the ratio.
 2. Generation metrics (`zoo.metrics.compute_all_metrics`, exact EMD) of 1-, 10- and
    100-step samples from the same noise against ``--num`` procedural reference shapes.
-3. The quality gap (goal: the 1-step 1-NNA-CD within 5 points of the 100-step one) on
+3. The quality gap (the 1-step 1-NNA-CD against the 100-step one's) on
    ``--gap-num`` samples and as many references, Chamfer metrics only (exact EMD is too slow
    at that size), with the binomial standard error of each 1-NNA: at 32 samples it is about
-   8 points, larger than the goal. With ``--teacher`` (a multi-step checkpoint, e.g. the
-   reflow stage the generator was distilled from) its 100-step samples are measured too.
+   8 points. With ``--teacher`` (a multi-step checkpoint, e.g. the
+   reflow stage the generator was distilled from) its 100-step samples are measured too;
+   with ``--before`` (earlier weights) their one-step samples of the same noise.
 
 Not a test: nothing asserts on time.
 """
@@ -46,6 +47,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gap-num", type=int, default=128, help="samples (and references) for the 1-NNA-CD gap")
     p.add_argument("--teacher", default=None, help="multi-step checkpoint to compare at 100 steps")
+    p.add_argument("--before", default=None, help="earlier weights of the same model: their 1-step row beside")
+    p.add_argument("--gap-ref-seed", type=int, default=4321, help="seed of the gap's procedural references")
     p.add_argument("--out", default=str(RESULTS), help="results file (default docs/results/psf_sampling.md); '' for none")
     args = p.parse_args()
     with results_file(args.out or None, f"{args.model}: one-step sampling against many steps"):
@@ -86,8 +89,12 @@ def run(args) -> None:
 
     # the gap on a larger set, Chamfer only
     gap_noise = model.noise(args.gap_num, seed=args.seed + 1)
-    gap_refs = procedural_references(args.gap_num, model.num_points, seed=4321)
+    gap_refs = procedural_references(args.gap_num, model.num_points, seed=args.gap_ref_seed)
+    print(f"\n{args.gap_num} samples (noise seed {args.seed + 1}) against {args.gap_num} references "
+          f"(seed {args.gap_ref_seed}; the training shapes are seed 0), ± one binomial standard error:\n")
     runs = [("psf (distilled)", model, 1), ("psf (distilled)", model, 100)]
+    if args.before:
+        runs.append((f"before ({Path(args.before).name})", zoo.create_model(args.model, pretrained=args.before), 1))
     if args.teacher:
         teacher = zoo.create_model(args.model, pretrained=args.teacher)
         # a stage checkpoint holds the bare network: it generates in the generator's training coordinates
@@ -101,7 +108,6 @@ def run(args) -> None:
         gap_nna[(name, steps)] = m["1-NNA-CD"]
         rows.append((name, steps, f"{m['MMD-CD']:.4g}", f"{m['COV-CD']:.4g}", f"{100 * m['1-NNA-CD']:.1f} ± {se:.1f}",
                      f"{m['JSD']:.4f}"))
-    print(f"\n{args.gap_num} samples against {args.gap_num} references (± one binomial standard error):\n")
     print(format_table(rows, ("model", "steps", "MMD-CD", "COV-CD", "1-NNA-CD %", "JSD"), "markdown"))
     one = gap_nna[("psf (distilled)", 1)]
     for (name, steps), v in gap_nna.items():

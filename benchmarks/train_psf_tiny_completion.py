@@ -35,20 +35,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--generator-run", required=True, help="output folder of benchmarks/train_psf_tiny.py")
     p.add_argument("--out", default="runs/psf_tiny_completion")
+    p.add_argument("--flow-init", default=None, help="another generator flow checkpoint to start from (default: the "
+                                                     "generator run's flow/model_best.pth.tar)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="a few epochs only (checks the script, not the weights)")
     p.add_argument("--install", action="store_true", help="also overwrite the package's weights file")
     p.add_argument("--num-shapes", type=int, default=2048, help="the generator run's shapes (same normalization)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--flow-epochs", type=int, default=12)
-    p.add_argument("--reflow-pairs", type=int, default=512)
-    p.add_argument("--reflow-epochs", type=int, default=8)
-    p.add_argument("--distill-pairs", type=int, default=1024)
-    p.add_argument("--distill-epochs", type=int, default=12)
+    p.add_argument("--flow-epochs", type=int, default=8)
+    p.add_argument("--reflow-pairs", type=int, default=256)
+    p.add_argument("--reflow-epochs", type=int, default=6)
+    p.add_argument("--distill-pairs", type=int, default=512)
+    p.add_argument("--distill-epochs", type=int, default=10)
     p.add_argument("--pair-steps", type=int, default=20, help="Euler steps of the teacher that makes each pair set")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    flow_init = Path(args.generator_run) / "flow" / "model_best.pth.tar"
+    flow_init = Path(args.flow_init) if args.flow_init else Path(args.generator_run) / "flow" / "model_best.pth.tar"
     if not flow_init.is_file():
         raise ConfigError(f"{flow_init} does not exist: run benchmarks/train_psf_tiny.py --out {args.generator_run} "
                           "first (its flow checkpoint starts this model).")

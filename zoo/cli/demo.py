@@ -46,6 +46,7 @@ def _cmd_demo(args) -> int:
     demo_finetune_and_export(out)
     demo_render(out)
     demo_psf(out)
+    demo_psf_completion(out)
     demo_lsv(out)
     demo_lidar(out)
     demo_slim(out)
@@ -174,6 +175,38 @@ def demo_psf(out: Path) -> None:
     save_clouds(out / "psf_samples", clouds.numpy())
     print(f"\nsampled 16 point clouds ({model.num_points} points) with psf_tiny in one step ({ms:.0f} ms): "
           f"{out / 'psf_samples' / 'samples.png'}")
+
+
+def demo_psf_completion(out: Path) -> None:
+    """Complete four cut procedural shapes (held out from training) in one step with psf_tiny_completion."""
+    import io
+
+    import numpy as np
+
+    from zoo.data.pointcloud_io import render_grid
+    from zoo.data.pointclouds import ProceduralShapes, crop_half
+    from zoo.io import atomic_write
+    from zoo.registry import create_model, model_card
+
+    if model_card("psf_tiny_completion").default_tag is None:
+        print("\npsf_tiny_completion has no shipped weights in this checkout "
+              "(run benchmarks/train_psf_tiny_completion.py); skipped")
+        return
+    model = create_model("psf_tiny_completion", pretrained=True)
+    shapes = ProceduralShapes(4, tr_sample_size=512, te_sample_size=512, seed=2026, random_subsample=False)
+    rng = np.random.default_rng(0)
+    partials = [crop_half(shapes.points[i, :shapes.half], rng.normal(size=3)) for i in range(4)]
+    start = time.perf_counter()
+    done = [model.complete(p, steps=1, seed=i)[0].numpy() for i, p in enumerate(partials)]
+    ms = (time.perf_counter() - start) * 1e3
+    cells = [c for pair in zip(partials, done) for c in pair]
+    labels = [t for i in range(4) for t in (f"partial {i} ({len(partials[i])} pts)", f"completed {i}")]
+    png = io.BytesIO()
+    render_grid(cells, cols=4, labels=labels, highlight=[0, model.num_given] * 4, shared_frame=True).save(png, "PNG")
+    dest = out / "psf_completion.png"
+    with atomic_write(dest, "wb") as f:
+        f.write(png.getvalue())
+    print(f"completed 4 cut shapes in one step each with psf_tiny_completion ({ms:.0f} ms in all): {dest}")
 
 
 def demo_render(out: Path) -> None:
