@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from zoo.hub import read_state_dict
 from zoo.io import atomic_write, sha256_file
 from zoo.models.psf import TINY_WEIGHTS, psf_config
 from zoo.registry import model_card
 from zoo.train.engine import TrainConfig
 from zoo.train.psf import run_pipeline
+
+from _psf_weights import best_weights, write_weights  # noqa: E402  (benchmarks/ is on sys.path when run)
 
 
 def main() -> None:
@@ -42,14 +43,18 @@ def main() -> None:
     p.add_argument("--distill-pairs", type=int, default=1024, help="(noise, sample) pairs for distillation")
     p.add_argument("--distill-epochs", type=int, default=25)
     p.add_argument("--pair-steps", type=int, default=30, help="Euler steps of the teacher that makes each pair set")
+    p.add_argument("--flow-init", default="", help="start the flow stage from this checkpoint (continue a run)")
+    p.add_argument("--flow-lr", type=float, default=2e-3)
+    p.add_argument("--flow-warmup", type=int, default=2)
+    p.add_argument("--reflow-steps", type=int, default=None, help="the reflow teacher's steps (default --pair-steps)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     card = model_card("psf_tiny")
     cfg = psf_config(**{**card.config, "dropout": 0.0})
     q = args.quick
     train = {
-        "flow": TrainConfig(epochs=2 if q else args.flow_epochs, opt="adam", lr=2e-3, weight_decay=0.0,
-                            sched="cosine", warmup_epochs=0 if q else 2, batch_size=args.batch_size, model_ema=not q,
+        "flow": TrainConfig(epochs=2 if q else args.flow_epochs, opt="adam", lr=args.flow_lr, weight_decay=0.0,
+                            sched="cosine", warmup_epochs=0 if q else args.flow_warmup, batch_size=args.batch_size, model_ema=not q,
                             model_ema_decay=0.999, log_interval=0, seed=0),
         "reflow": TrainConfig(epochs=1 if q else args.reflow_epochs, opt="adam", lr=5e-4, weight_decay=0.0,
                               sched="cosine", batch_size=args.batch_size, model_ema=not q, model_ema_decay=0.995,
@@ -61,19 +66,15 @@ def main() -> None:
     start = time.time()
     steps = 5 if q else args.pair_steps
     paths = run_pipeline(args.out, cfg, train, data="procedural", num_shapes=64 if q else args.num_shapes,
-                         num_pairs=16 if q else args.reflow_pairs, reflow_steps=steps, distill_steps=steps,
-                         distill_pairs=16 if q else args.distill_pairs,
-                         batch_size=args.batch_size, seed=0, normalize_data=True)
-    sd = read_state_dict(paths["distill"], prefer_ema=True)
-    half = {f"velocity.{k}": v.half().contiguous() for k, v in sd.items()}
-    # the data statistics stay in float32: they scale every generated point
-    half["data_mean"] = torch.as_tensor(paths["data_mean"], dtype=torch.float32).reshape(3).contiguous()
-    half["data_std"] = torch.as_tensor(paths["data_std"], dtype=torch.float32).reshape(1).contiguous()
-    from safetensors.torch import save
-
+                         num_pairs=16 if q else args.reflow_pairs,
+                         reflow_steps=steps if q or args.reflow_steps is None else args.reflow_steps,
+                         distill_steps=steps, distill_pairs=16 if q else args.distill_pairs,
+                         batch_size=args.batch_size, seed=0, normalize_data=True, flow_init=args.flow_init)
+    sd, which = best_weights(Path(args.out) / "distill")
     dest = Path(args.out) / "psf_tiny_procedural.safetensors"
-    with atomic_write(dest, "wb") as f:
-        f.write(save(half, metadata={"model": "psf_tiny", "stages": "flow,reflow,distill", "data": "procedural"}))
+    write_weights(dest, sd, paths["data_mean"], paths["data_std"],
+                  {"model": "psf_tiny", "stages": "flow,reflow,distill", "data": "procedural", "weights": which})
+    print(f"distilled weights: {which}")
     if args.install:
         with atomic_write(TINY_WEIGHTS, "wb") as f:
             f.write(dest.read_bytes())

@@ -23,12 +23,13 @@ from pathlib import Path
 import torch
 
 from zoo.errors import ConfigError
-from zoo.hub import read_state_dict
 from zoo.io import atomic_write, sha256_file
 from zoo.models.psf import TINY_COMPLETION_WEIGHTS, psf_config
 from zoo.registry import model_card
 from zoo.train.engine import TrainConfig
 from zoo.train.psf import run_pipeline
+
+from _psf_weights import best_weights, write_weights  # noqa: E402  (benchmarks/ is on sys.path when run)
 
 
 def main() -> None:
@@ -73,16 +74,12 @@ def main() -> None:
                          num_pairs=16 if q else args.reflow_pairs, reflow_steps=steps, distill_steps=steps,
                          distill_pairs=16 if q else args.distill_pairs, batch_size=args.batch_size, seed=0,
                          normalize_data=True, num_given=num_given, flow_init=flow_init)
-    sd = read_state_dict(paths["distill"], prefer_ema=True)
-    half = {f"velocity.{k}": v.half().contiguous() for k, v in sd.items()}
-    half["data_mean"] = torch.as_tensor(paths["data_mean"], dtype=torch.float32).reshape(3).contiguous()
-    half["data_std"] = torch.as_tensor(paths["data_std"], dtype=torch.float32).reshape(1).contiguous()
-    from safetensors.torch import save
-
+    sd, which = best_weights(Path(args.out) / "distill")
     dest = Path(args.out) / "psf_tiny_completion_procedural.safetensors"
-    with atomic_write(dest, "wb") as f:
-        f.write(save(half, metadata={"model": "psf_tiny_completion", "stages": "flow,reflow,distill",
-                                     "data": "procedural halves", "flow_init": str(flow_init)}))
+    write_weights(dest, sd, paths["data_mean"], paths["data_std"],
+                  {"model": "psf_tiny_completion", "stages": "flow,reflow,distill", "data": "procedural halves",
+                   "flow_init": flow_init, "weights": which})
+    print(f"distilled weights: {which}")
     if args.install:
         with atomic_write(TINY_COMPLETION_WEIGHTS, "wb") as f:
             f.write(dest.read_bytes())

@@ -110,7 +110,7 @@ register_model(ModelCard(
 
 TINY_COMPLETION_CONFIG = {**TINY_CONFIG, "num_given": 128}
 TINY_COMPLETION_WEIGHTS = Path(__file__).parent / "weights" / "psf_tiny_completion_procedural.safetensors"
-TINY_COMPLETION_SHA256 = ""
+TINY_COMPLETION_SHA256 = "e9163f296ea2249ffa5855de44c2d01f794657ad6db57849eed3c7e59d39cec1"
 register_model(ModelCard(
     name="psf_tiny_completion", family="psf", task="point-cloud-completion", paper=PAPER,
     builder=build_psf_completion, config=TINY_COMPLETION_CONFIG, input=InputSpec("partial-points", (128, 384, 3)),

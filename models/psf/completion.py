@@ -120,13 +120,22 @@ class PSFCompletion(nn.Module):
         return torch.cat([given, self.denormalize(gen)], 1)
 
     @torch.no_grad()
-    def complete(self, partial, steps: int = 1, seed: int | None = None, num: int = 1) -> torch.Tensor:
-        """``[B*num, N, 3]``: each partial cloud completed ``num`` times with ``steps`` Euler steps."""
-        given = self.prepare_given(partial).to(self.device)
-        given = given.repeat_interleave(num, 0)
+    def complete(self, partial, steps: int = 1, seed: int | None = None, num: int = 1,
+                 batch_size: int = 16) -> torch.Tensor:
+        """``[B*num, N, 3]``: each partial cloud completed ``num`` times with ``steps`` Euler steps.
+
+        ``partial``: ``[M,3]``, ``[B,M,3]``, or a list of clouds of any sizes; runs in chunks of
+        ``batch_size`` clouds. The noise of all ``B*num`` clouds is drawn at once from ``seed``.
+        """
+        if isinstance(partial, (list, tuple)):
+            given = torch.cat([self.prepare_given(p) for p in partial])
+        else:
+            given = self.prepare_given(partial)
+        given = given.to(self.device).repeat_interleave(num, 0)
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         noise = torch.randn(given.shape[0], self.num_generated, 3, generator=g).to(self.device)
-        gen = sample_euler(self.field(self.normalize(given)), noise, steps)
+        gen = torch.cat([sample_euler(self.field(self.normalize(given[s:s + batch_size])), noise[s:s + batch_size],
+                                      steps) for s in range(0, len(given), batch_size)])
         return torch.cat([given, self.denormalize(gen)], 1)
 
     def export_wrapper(self, input_shape=None):

@@ -1,0 +1,35 @@
+"""Shared by the PSF training scripts: pick a stage's better weights and write them as float16 safetensors."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+
+from zoo.hub import read_state_dict
+from zoo.io import atomic_write
+
+
+def best_weights(stage_dir: str | Path) -> tuple[dict, str]:
+    """The stage's weights with the lowest held-out loss: the EMA of its best epoch, or the raw
+    weights of its last epoch when those scored lower (a short stage's EMA still lags behind)."""
+    stage_dir = Path(stage_dir)
+    rows = list(csv.DictReader(open(stage_dir / "summary.csv")))
+    best_ema = min(float(r["eval_loss"]) for r in rows)
+    last_raw = float(rows[-1].get("eval_raw_loss") or "inf")
+    if last_raw < best_ema:
+        ckpt = torch.load(stage_dir / "last.pth.tar", map_location="cpu", weights_only=True)
+        return ckpt["state_dict"], f"raw weights of the last epoch (held-out loss {last_raw:.5g}, EMA's best {best_ema:.5g})"
+    return read_state_dict(stage_dir / "model_best.pth.tar", prefer_ema=True), f"EMA of the best epoch ({best_ema:.5g})"
+
+
+def write_weights(dest: Path, sd: dict, data_mean, data_std, metadata: dict) -> None:
+    """``velocity.*`` in float16 plus the data statistics in float32, atomically."""
+    from safetensors.torch import save
+
+    half = {f"velocity.{k}": v.half().contiguous() for k, v in sd.items()}
+    # the data statistics stay in float32: they scale every generated point
+    half["data_mean"] = torch.as_tensor(data_mean, dtype=torch.float32).reshape(3).contiguous()
+    half["data_std"] = torch.as_tensor(data_std, dtype=torch.float32).reshape(1).contiguous()
+    with atomic_write(dest, "wb") as f:
+        f.write(save(half, metadata={k: str(v) for k, v in metadata.items()}))
