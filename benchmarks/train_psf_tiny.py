@@ -8,6 +8,7 @@ from N(0, I) noise; the statistics are saved with the weights), then writes the 
 to ``--out`` and, only with ``--install``, over ``models/psf/weights/psf_tiny_procedural.safetensors``
 (the package's default weights; then set ``TINY_SHA256`` in ``models/psf/__init__.py`` to the printed digest)
 and prints the sha256. About 25 minutes on 2 CPU cores; ``--quick`` is a smoke run.
+``benchmarks/logs/train_psf_tiny.md`` records a recipe tried against the shipped one.
 """
 from __future__ import annotations
 
@@ -33,34 +34,36 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a few epochs only (checks the script, not the weights)")
     p.add_argument("--install", action="store_true",
                    help="also overwrite the package's weights file (then update TINY_SHA256 to the printed digest)")
-    # the shipped recipe (the defaults): 2048 shapes, ~6k flow updates with EMA, 512 reflow
-    # pairs, 1024 distillation pairs, EMA on the one-step model too
-    p.add_argument("--num-shapes", type=int, default=2048, help="procedural training shapes (1/8 held out)")
+    # the defaults are the shipped weights' recipe; the flags are there to try others
+    p.add_argument("--num-shapes", type=int, default=512, help="procedural training shapes (1/8 held out)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--flow-epochs", type=int, default=54)
-    p.add_argument("--reflow-pairs", type=int, default=512, help="(noise, sample) pairs for the reflow stage")
-    p.add_argument("--reflow-epochs", type=int, default=15)
-    p.add_argument("--distill-pairs", type=int, default=1024, help="(noise, sample) pairs for distillation")
-    p.add_argument("--distill-epochs", type=int, default=25)
-    p.add_argument("--pair-steps", type=int, default=30, help="Euler steps of the teacher that makes each pair set")
+    p.add_argument("--flow-epochs", type=int, default=80)
+    p.add_argument("--reflow-pairs", type=int, default=256, help="(noise, sample) pairs for the reflow stage")
+    p.add_argument("--reflow-epochs", type=int, default=30)
+    p.add_argument("--distill-pairs", type=int, default=256, help="(noise, sample) pairs for distillation")
+    p.add_argument("--distill-epochs", type=int, default=40)
+    p.add_argument("--pair-steps", type=int, default=50, help="Euler steps of the teacher that makes each pair set")
     p.add_argument("--flow-init", default="", help="start the flow stage from this checkpoint (continue a run)")
     p.add_argument("--flow-lr", type=float, default=2e-3)
     p.add_argument("--flow-warmup", type=int, default=2)
     p.add_argument("--reflow-steps", type=int, default=None, help="the reflow teacher's steps (default --pair-steps)")
+    p.add_argument("--flow-ema-decay", type=float, default=0.998)
+    p.add_argument("--stage-ema", action="store_true", help="EMA (0.995) in the reflow and distillation stages too")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     card = model_card("psf_tiny")
     cfg = psf_config(**{**card.config, "dropout": 0.0})
     q = args.quick
+    ema = args.stage_ema and not q
     train = {
         "flow": TrainConfig(epochs=2 if q else args.flow_epochs, opt="adam", lr=args.flow_lr, weight_decay=0.0,
-                            sched="cosine", warmup_epochs=0 if q else args.flow_warmup, batch_size=args.batch_size, model_ema=not q,
-                            model_ema_decay=0.999, log_interval=0, seed=0),
+                            sched="cosine", warmup_epochs=0 if q else args.flow_warmup, batch_size=args.batch_size,
+                            model_ema=not q, model_ema_decay=args.flow_ema_decay, log_interval=0, seed=0),
         "reflow": TrainConfig(epochs=1 if q else args.reflow_epochs, opt="adam", lr=5e-4, weight_decay=0.0,
-                              sched="cosine", batch_size=args.batch_size, model_ema=not q, model_ema_decay=0.995,
+                              sched="cosine", batch_size=args.batch_size, model_ema=ema, model_ema_decay=0.995,
                               log_interval=0, seed=1),
         "distill": TrainConfig(epochs=1 if q else args.distill_epochs, opt="adam", lr=5e-4, weight_decay=0.0,
-                               sched="cosine", batch_size=args.batch_size, model_ema=not q, model_ema_decay=0.995,
+                               sched="cosine", batch_size=args.batch_size, model_ema=ema, model_ema_decay=0.995,
                                log_interval=0, seed=2),
     }
     start = time.time()

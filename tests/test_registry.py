@@ -37,9 +37,9 @@ def test_every_registered_model_builds_and_runs(name):
     model = zoo.create_model(name)
     assert not model.training
     assert model.pretrained_cfg["architecture"] == name
-    (x,) = card.input.example(batch_size=2)
+    inputs = card.input.example(batch_size=2)  # a completion model takes two tensors
     with torch.no_grad():
-        y = model(x)
+        y = model(*inputs)
     if card.input.kind in ("lidar-points", "lidar-camera"):  # a detector: one box set per sample
         assert len(y["final_box_dicts"]) == 2
         assert all(torch.isfinite(d["pred_boxes"]).all() and d["pred_boxes"].shape[1] == 7 for d in y["final_box_dicts"])
