@@ -20,7 +20,9 @@ def best_weights(stage_dir: str | Path) -> tuple[dict, str]:
     if last_raw < best_ema:
         ckpt = torch.load(stage_dir / "last.pth.tar", map_location="cpu", weights_only=True)
         return ckpt["state_dict"], f"raw weights of the last epoch (held-out loss {last_raw:.5g}, EMA's best {best_ema:.5g})"
-    return read_state_dict(stage_dir / "model_best.pth.tar", prefer_ema=True), f"EMA of the best epoch ({best_ema:.5g})"
+    best = stage_dir / "model_best.pth.tar"
+    kind = "EMA" if "state_dict_ema" in torch.load(best, map_location="cpu", weights_only=True) else "weights"
+    return read_state_dict(best, prefer_ema=True), f"{kind} of the best epoch (held-out loss {best_ema:.5g})"
 
 
 def write_weights(dest: Path, sd: dict, data_mean, data_std, metadata: dict) -> None:
