@@ -1,13 +1,15 @@
-"""Shared by the PSF training scripts: pick a stage's better weights and write them as float16 safetensors."""
+"""Shared by the PSF training scripts: pick a stage's better weights, write them as float16
+safetensors, and install them over the package's file."""
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 
 import torch
 
 from zoo.hub import read_state_dict
-from zoo.io import atomic_write
+from zoo.io import atomic_write, sha256_file
 
 
 def best_weights(stage_dir: str | Path) -> tuple[dict, str]:
@@ -35,3 +37,21 @@ def write_weights(dest: Path, sd: dict, data_mean, data_std, metadata: dict) -> 
     half["data_std"] = torch.as_tensor(data_std, dtype=torch.float32).reshape(1).contiguous()
     with atomic_write(dest, "wb") as f:
         f.write(save(half, metadata={k: str(v) for k, v in metadata.items()}))
+
+
+def package(run_dir: str | Path, name: str, paths: dict, metadata: dict, installed: Path | None,
+            sha_constant: str, start: float) -> Path:
+    """Write ``<name>_procedural.safetensors`` from the run's distillation stage into ``run_dir``,
+    copy it over ``installed`` when given, and print its size, digest and what to update."""
+    sd, which = best_weights(Path(run_dir) / "distill")
+    dest = Path(run_dir) / f"{name}_procedural.safetensors"
+    write_weights(dest, sd, paths["data_mean"], paths["data_std"],
+                  {"model": name, "stages": "flow,reflow,distill", **metadata, "weights": which})
+    print(f"distilled weights: {which}")
+    if installed is not None:
+        with atomic_write(installed, "wb") as f:
+            f.write(dest.read_bytes())
+    print(f"done in {(time.time() - start) / 60:.1f} min; {dest} ({dest.stat().st_size / 1e6:.2f} MB, "
+          f"sha256 {sha256_file(dest)})" + (f"; installed as {installed}: set {sha_constant} in "
+                                            "models/psf/__init__.py to this digest" if installed else ""))
+    return dest

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 
-from zoo.io import atomic_write, sha256_file
 from zoo.models.psf import TINY_WEIGHTS, psf_config
 from zoo.registry import model_card
 from zoo.train.engine import TrainConfig
 from zoo.train.psf import run_pipeline
 
-from _psf_weights import best_weights, write_weights  # noqa: E402  (benchmarks/ is on sys.path when run)
+from _psf_weights import package  # noqa: E402  (benchmarks/ is on sys.path when run)
 
 
 def main() -> None:
@@ -73,17 +71,8 @@ def main() -> None:
                          reflow_steps=steps if q or args.reflow_steps is None else args.reflow_steps,
                          distill_steps=steps, distill_pairs=16 if q else args.distill_pairs,
                          batch_size=args.batch_size, seed=0, normalize_data=True, flow_init=args.flow_init)
-    sd, which = best_weights(Path(args.out) / "distill")
-    dest = Path(args.out) / "psf_tiny_procedural.safetensors"
-    write_weights(dest, sd, paths["data_mean"], paths["data_std"],
-                  {"model": "psf_tiny", "stages": "flow,reflow,distill", "data": "procedural", "weights": which})
-    print(f"distilled weights: {which}")
-    if args.install:
-        with atomic_write(TINY_WEIGHTS, "wb") as f:
-            f.write(dest.read_bytes())
-    print(f"done in {(time.time() - start) / 60:.1f} min; {dest} ({dest.stat().st_size / 1e6:.2f} MB, "
-          f"sha256 {sha256_file(dest)})" + (f"; installed as {TINY_WEIGHTS}: set TINY_SHA256 in "
-                                            "models/psf/__init__.py to this digest" if args.install else ""))
+    package(args.out, "psf_tiny", paths, {"data": "procedural"}, TINY_WEIGHTS if args.install else None,
+            "TINY_SHA256", start)
 
 
 if __name__ == "__main__":

@@ -23,13 +23,12 @@ from pathlib import Path
 import torch
 
 from zoo.errors import ConfigError
-from zoo.io import atomic_write, sha256_file
 from zoo.models.psf import TINY_COMPLETION_WEIGHTS, psf_config
 from zoo.registry import model_card
 from zoo.train.engine import TrainConfig
 from zoo.train.psf import run_pipeline
 
-from _psf_weights import best_weights, write_weights  # noqa: E402  (benchmarks/ is on sys.path when run)
+from _psf_weights import package  # noqa: E402  (benchmarks/ is on sys.path when run)
 
 
 def main() -> None:
@@ -74,18 +73,8 @@ def main() -> None:
                          num_pairs=16 if q else args.reflow_pairs, reflow_steps=steps, distill_steps=steps,
                          distill_pairs=16 if q else args.distill_pairs, batch_size=args.batch_size, seed=0,
                          normalize_data=True, num_given=num_given, flow_init=flow_init)
-    sd, which = best_weights(Path(args.out) / "distill")
-    dest = Path(args.out) / "psf_tiny_completion_procedural.safetensors"
-    write_weights(dest, sd, paths["data_mean"], paths["data_std"],
-                  {"model": "psf_tiny_completion", "stages": "flow,reflow,distill", "data": "procedural halves",
-                   "flow_init": flow_init, "weights": which})
-    print(f"distilled weights: {which}")
-    if args.install:
-        with atomic_write(TINY_COMPLETION_WEIGHTS, "wb") as f:
-            f.write(dest.read_bytes())
-    print(f"done in {(time.time() - start) / 60:.1f} min; {dest} ({dest.stat().st_size / 1e6:.2f} MB, "
-          f"sha256 {sha256_file(dest)})" + (f"; installed as {TINY_COMPLETION_WEIGHTS}: set TINY_COMPLETION_SHA256 "
-                                            "in models/psf/__init__.py to this digest" if args.install else ""))
+    package(args.out, "psf_tiny_completion", paths, {"data": "procedural halves", "flow_init": flow_init},
+            TINY_COMPLETION_WEIGHTS if args.install else None, "TINY_COMPLETION_SHA256", start)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch.nn as nn
 from zoo.errors import ConfigError
 
 from .flow import sample_euler
+from .model import FlowModel
 from .point_ops import furthest_point_sample
 from .pvcnn import PVCNN2, PVCNN2Config
 
@@ -53,42 +54,25 @@ class ConditionedField(nn.Module):
         return self.velocity(pts, t, flag)[:, k:]
 
 
-class PSFCompletion(nn.Module):
+class PSFCompletion(FlowModel):
     """Conditional PSF over ``num_points`` points of which ``num_given`` are the partial input.
 
-    Buffers ``data_mean [3]`` and ``data_std [1]``: the training data's normalization, as
-    `PSF` keeps it; inputs and outputs are in data coordinates.
+    Keeps the training data's normalization as `PSF` does (`FlowModel`); inputs and outputs
+    are in data coordinates.
     """
 
     def __init__(self, config: PVCNN2Config, num_given: int):
-        super().__init__()
         if config.extra_feature_channels != 1:
             raise ConfigError("the completion model takes one extra feature channel (the given-point flag): "
                               "build its PVCNN2Config with extra_feature_channels=1.")
         if not MIN_GIVEN <= num_given < config.num_points:
             raise ConfigError(f"num_given must be in [{MIN_GIVEN}, {config.num_points}), not {num_given}.")
-        self.config, self.num_given = config, num_given
-        self.velocity = PVCNN2(config)
-        self.register_buffer("data_mean", torch.zeros(3))
-        self.register_buffer("data_std", torch.ones(1))
-
-    @property
-    def num_points(self) -> int:
-        return self.config.num_points
+        super().__init__(config)
+        self.num_given = num_given
 
     @property
     def num_generated(self) -> int:
         return self.config.num_points - self.num_given
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.data_mean) / self.data_std
-
-    def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        return self.data_mean + self.data_std * x
 
     def prepare_given(self, partial) -> torch.Tensor:
         """A partial cloud ``[M,3]`` or ``[B,M,3]`` (data coordinates, ``M >= 16``) as

@@ -202,12 +202,15 @@ def text_guided_sample(generator, encoder, prompt: str, num: int = 4, steps: int
         history = []
         best = torch.full((num,), -2.0, device=device)
         best_noise = noise.clone()
+        best_points = None
         for step in range(steps + 1):
-            score, _ = _score(generator, encoder, x, text, views, elevation, resolution)
-            history.append(score.detach())
-            better = score.detach() > best
-            best = torch.where(better, score.detach(), best)
+            score, points = _score(generator, encoder, x, text, views, elevation, resolution)
+            now, points = score.detach(), points.detach()
+            history.append(now)
+            better = now > best
+            best = torch.where(better, now, best)
             best_noise[better] = x.detach()[better]
+            best_points = points if best_points is None else torch.where(better.view(-1, 1, 1), points, best_points)
             if step == steps:
                 break
             opt.zero_grad()
@@ -215,9 +218,7 @@ def text_guided_sample(generator, encoder, prompt: str, num: int = 4, steps: int
             opt.step()
             with torch.no_grad():  # back onto the noise's shell (see the module docstring)
                 x.mul_(norm0 / x.flatten(1).norm(dim=1).view(-1, 1, 1))
-        with torch.no_grad():
-            points = generator(best_noise)
     finally:
         for p, w in zip(params, was):
             p.requires_grad_(w)
-    return GuidanceResult(points.detach(), best_noise, torch.stack(history))
+    return GuidanceResult(best_points, best_noise, torch.stack(history))

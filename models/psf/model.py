@@ -14,13 +14,14 @@ import torch.nn as nn
 from .flow import OneStepGenerator, sample_euler, sample_rk45
 from .pvcnn import PVCNN2, PVCNN2Config
 
-__all__ = ["PSF"]
+__all__ = ["FlowModel", "PSF"]
 
 
-class PSF(nn.Module):
-    """Point Straight Flow generator over ``num_points`` points (arXiv 2212.01747)."""
+class FlowModel(nn.Module):
+    """A PVCNN2 velocity field (``velocity``) that flows in normalized coordinates, with the
+    buffers ``data_mean [3]`` and ``data_std [1]`` that map them to data coordinates."""
 
-    def __init__(self, config: PVCNN2Config = PVCNN2Config()):
+    def __init__(self, config: PVCNN2Config):
         super().__init__()
         self.config = config
         self.velocity = PVCNN2(config)
@@ -31,22 +32,33 @@ class PSF(nn.Module):
     def num_points(self) -> int:
         return self.config.num_points
 
-    def forward(self, noise: torch.Tensor) -> torch.Tensor:
-        """One Euler step from ``noise [B,N,3]``, in data coordinates: ``denormalize(noise + v(noise, 0))``."""
-        t = torch.zeros(noise.shape[0], device=noise.device, dtype=noise.dtype)
-        return self.denormalize(noise + self.velocity(noise, t))
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """Data coordinates to normalized flow coordinates: ``(x - mean) / std``."""
+        return (x - self.data_mean) / self.data_std
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized flow coordinates to data coordinates: ``mean + std * x``."""
         return self.data_mean + self.data_std * x
 
+
+class PSF(FlowModel):
+    """Point Straight Flow generator over ``num_points`` points (arXiv 2212.01747)."""
+
+    def __init__(self, config: PVCNN2Config = PVCNN2Config()):
+        super().__init__(config)
+
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        """One Euler step from ``noise [B,N,3]``, in data coordinates: ``denormalize(noise + v(noise, 0))``."""
+        t = torch.zeros(noise.shape[0], device=noise.device, dtype=noise.dtype)
+        return self.denormalize(noise + self.velocity(noise, t))
+
     def noise(self, num: int, seed: int | None = None, device=None) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         return torch.randn(num, self.num_points, 3, generator=g).to(device or self.device)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     @torch.no_grad()
     def sample(self, num: int = 1, steps: int = 1, method: str = "euler", seed: int | None = None,

@@ -179,13 +179,11 @@ def demo_psf(out: Path) -> None:
 
 def demo_psf_completion(out: Path) -> None:
     """Complete four cut procedural shapes (held out from training) in one step with psf_tiny_completion."""
-    import io
-
     import numpy as np
 
+    from zoo.data.humans_io import save_png
     from zoo.data.pointcloud_io import render_grid
     from zoo.data.pointclouds import ProceduralShapes, crop_half
-    from zoo.io import atomic_write
     from zoo.registry import create_model, model_card
 
     if model_card("psf_tiny_completion").default_tag is None:
@@ -201,11 +199,8 @@ def demo_psf_completion(out: Path) -> None:
     ms = (time.perf_counter() - start) * 1e3
     cells = [c for pair in zip(partials, done) for c in pair]
     labels = [t for i in range(4) for t in (f"partial {i} ({len(partials[i])} pts)", f"completed {i}")]
-    png = io.BytesIO()
-    render_grid(cells, cols=4, labels=labels, highlight=[0, model.num_given] * 4, shared_frame=True).save(png, "PNG")
-    dest = out / "psf_completion.png"
-    with atomic_write(dest, "wb") as f:
-        f.write(png.getvalue())
+    dest = save_png(out / "psf_completion.png", np.asarray(
+        render_grid(cells, cols=4, labels=labels, highlight=[0, model.num_given] * 4, shared_frame=True)))
     print(f"completed 4 cut shapes in one step each with psf_tiny_completion ({ms:.0f} ms in all): {dest}")
 
 

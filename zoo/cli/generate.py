@@ -109,14 +109,14 @@ def _sample_guided(args, model) -> int:
 
 def _cmd_complete(args) -> int:
     """A partial cloud (``--input``) completed by a completion model: ``.npy``/``.ply`` and a PNG."""
-    import io
     import time as _time
 
     import numpy as np
 
+    from zoo.data.humans_io import save_png
     from zoo.data.pointcloud_io import read_cloud, render_grid, save_clouds
     from zoo.errors import ConfigError
-    from zoo.io import atomic_write, atomic_write_json
+    from zoo.io import atomic_write_json
 
     if args.num < 1 or args.steps < 1:
         raise ConfigError("--num and --steps must be at least 1.")
@@ -127,13 +127,10 @@ def _cmd_complete(args) -> int:
     ms = (_time.perf_counter() - start) * 1e3
     out = Path(args.out)
     written = save_clouds(out, clouds.numpy(), prefix="completion", grid=False)
-    png = io.BytesIO()
     cells = [partial] + list(clouds.numpy())
     labels = [f"partial ({len(partial)} points)"] + [f"completed {i}" for i in range(args.num)]
-    render_grid(cells, cols=len(cells), labels=labels, highlight=[0] + [model.num_given] * args.num,
-                shared_frame=True).save(png, format="PNG")
-    with atomic_write(out / "completion.png", "wb") as f:
-        f.write(png.getvalue())
+    save_png(out / "completion.png", np.asarray(render_grid(cells, cols=len(cells), labels=labels, shared_frame=True,
+                                                            highlight=[0] + [model.num_given] * args.num)))
     atomic_write_json(out / "completion.json", {
         "model": args.name, "input": str(args.input), "input_points": int(len(partial)), "steps": args.steps,
         "seed": args.seed, "num": args.num, "given_points": model.num_given, "output_points": model.num_points,
