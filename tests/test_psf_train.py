@@ -95,6 +95,29 @@ def test_three_stages_end_to_end(tmp_path):
             task._loss(gen.velocity.eval(), {"x0": d["x0"], "x1": d["x1"]}).mean().item(), rel=1e-5)
 
 
+def test_distilling_from_the_flow_teacher(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_config().replace(dropout=0.0)
+    tc = lambda e: TrainConfig(epochs=e, opt="adam", lr=1e-3, weight_decay=0.0, batch_size=4, log_interval=0)  # noqa: E731
+    # same count and steps: the distillation trains on the reflow pairs, the flow's own samples
+    same = run_pipeline(tmp_path / "same", cfg, {"flow": tc(1), "reflow": tc(1), "distill": tc(1)}, num_shapes=8,
+                        num_pairs=8, reflow_steps=3, distill_steps=3, batch_size=4, distill_teacher="flow")
+    assert same["pairs_distill"] == same["pairs_reflow"]
+    assert not (tmp_path / "same" / "pairs_distill.safetensors").exists()
+    # another count: fresh pairs, sampled by the flow model, not by the reflow model
+    other = run_pipeline(tmp_path / "other", cfg, {"flow": tc(1), "reflow": tc(1), "distill": tc(1)}, num_shapes=8,
+                         num_pairs=8, reflow_steps=3, distill_steps=3, batch_size=4, distill_pairs=4,
+                         distill_teacher="flow")
+    d = load_file(str(other["pairs_distill"]))
+    with torch.no_grad():
+        flow_x1 = sample_euler(load_velocity(other["flow"], cfg).eval(), d["x0"], 3)
+        reflow_x1 = sample_euler(load_velocity(other["reflow"], cfg).eval(), d["x0"], 3)
+    torch.testing.assert_close(d["x1"], flow_x1, atol=1e-5, rtol=1e-4)
+    assert (d["x1"] - reflow_x1).abs().max() > 1e-3
+    with pytest.raises(ConfigError, match="distill_teacher"):
+        run_pipeline(tmp_path / "bad", cfg, {}, distill_teacher="student")
+
+
 def test_stage_configuration_errors(tmp_path):
     env = setup_distributed("cpu")
     with pytest.raises(ConfigError, match="stage"):

@@ -95,7 +95,7 @@ TINY_CONFIG = {"blocks": "tiny", "num_points": 512, "embed_dim": 32, "width_mult
                "voxel_resolution_multiplier": 0.5}
 # the shipped file's digest, checked before every load (benchmarks/train_psf_tiny.py --install
 # prints the new one to put here)
-TINY_SHA256 = "7ce6c88184951810ae798e6969700772d78734a83ecc721161676fc7754028f8"
+TINY_SHA256 = "e188b872e33a10dbd46e4c9ad90778ff5f2202eb2de841f83d49dd115702ddfe"
 register_model(ModelCard(
     name="psf_tiny", family="psf", task="point-cloud-generation", paper=PAPER, builder=build_psf,
     config=TINY_CONFIG, input=InputSpec("point-noise", (512, 3)), layouts=LAYOUTS,

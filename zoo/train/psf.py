@@ -6,6 +6,9 @@
    stage 1, is retrained on them, which straightens its paths.
 3. ``distill``: pairs from the stage-2 model's multi-step sampler; a model initialised from
    stage 2 learns the one-step map ``x0 + v(x0, 0)`` under Chamfer distance (or EMD).
+   With ``distill_teacher="flow"`` the targets are the stage-1 model's samples instead
+   (the reflow pairs themselves when their count and steps match): the straightened model
+   is then only the student's starting point, and the targets keep the flow's quality.
 
 With ``num_given > 0`` the same stages train the completion model
 (`zoo.models.psf.completion`): the data are partial/complete pairs
@@ -265,7 +268,7 @@ def run_pipeline(out: str | Path, model: PVCNN2Config, train: dict[str, TrainCon
                  num_shapes: int = 64, num_pairs: int = 64, reflow_steps: int = 100, distill_steps: int = 100,
                  batch_size: int = 16, seed: int = 42, distill_metric: str = "cd", normalize_data: bool = False,
                  env: Dist | None = None, distill_pairs: int | None = None, num_given: int = 0,
-                 flow_init: str | Path = "", data_mean=None, data_std=None) -> dict:
+                 flow_init: str | Path = "", data_mean=None, data_std=None, distill_teacher: str = "reflow") -> dict:
     """Flow, reflow pairs, reflow, distill pairs, distill; returns the checkpoints and pairs files.
 
     ``train`` maps each stage to its engine settings (epochs, lr...); their ``output`` is
@@ -276,7 +279,11 @@ def run_pipeline(out: str | Path, model: PVCNN2Config, train: dict[str, TrainCon
     ``num_given > 0`` trains the completion model (module docstring); ``flow_init`` starts
     the flow stage from a checkpoint (for completion, a generator's, widened); ``data_mean``
     and ``data_std`` fix the normalization (a generator's, so both share coordinates).
+    ``distill_teacher``: whose samples the one-step model learns, ``reflow`` (PSF's) or
+    ``flow`` (module docstring).
     """
+    if distill_teacher not in ("reflow", "flow"):
+        raise ConfigError(f"distill_teacher must be reflow or flow, not {distill_teacher!r}")
     out = Path(out)
     env = env or setup_distributed("cpu")
     paths: dict[str, Path] = {}
@@ -285,11 +292,15 @@ def run_pipeline(out: str | Path, model: PVCNN2Config, train: dict[str, TrainCon
     std = None if data_std is None else float(np.asarray(data_std).reshape(-1)[0])
     for stage in STAGES:
         if stage in ("reflow", "distill"):
-            teacher = load_velocity(init, model)
             steps = reflow_steps if stage == "reflow" else distill_steps
             count = num_pairs if stage == "reflow" or distill_pairs is None else distill_pairs
+            from_flow = stage == "distill" and distill_teacher == "flow"
+            teacher = None if from_flow and (count, steps) == (num_pairs, reflow_steps) \
+                else load_velocity(paths["flow"] if from_flow else init, model)
             dest = out / f"pairs_{stage}.safetensors"
-            if num_given:
+            if teacher is None:
+                pass  # the reflow pairs already are the flow's samples of seeded noise
+            elif num_given:
                 shapes = ProceduralCompletion(num_shapes, model.num_points, num_given, seed=seed, random_view=True,
                                               normalize=normalize_data, mean=mean, std=std)
                 pairs = str(make_completion_pairs(teacher, dest, shapes, count, steps, seed=seed + len(paths),
