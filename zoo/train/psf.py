@@ -295,19 +295,19 @@ def run_pipeline(out: str | Path, model: PVCNN2Config, train: dict[str, TrainCon
             steps = reflow_steps if stage == "reflow" else distill_steps
             count = num_pairs if stage == "reflow" or distill_pairs is None else distill_pairs
             from_flow = stage == "distill" and distill_teacher == "flow"
-            teacher = None if from_flow and (count, steps) == (num_pairs, reflow_steps) \
-                else load_velocity(paths["flow"] if from_flow else init, model)
-            dest = out / f"pairs_{stage}.safetensors"
-            if teacher is None:
-                pass  # the reflow pairs already are the flow's samples of seeded noise
-            elif num_given:
-                shapes = ProceduralCompletion(num_shapes, model.num_points, num_given, seed=seed, random_view=True,
-                                              normalize=normalize_data, mean=mean, std=std)
-                pairs = str(make_completion_pairs(teacher, dest, shapes, count, steps, seed=seed + len(paths),
-                                                  batch_size=batch_size, device=env.device))
-            else:
-                pairs = str(make_pairs(teacher, dest, count, model.num_points, steps, seed=seed + len(paths),
-                                       batch_size=batch_size, device=env.device))
+            # the reflow pairs already are the flow's samples of seeded noise: train on them again
+            reuse = from_flow and (count, steps) == (num_pairs, reflow_steps)
+            if not reuse:
+                teacher = load_velocity(paths["flow"] if from_flow else init, model)
+                dest = out / f"pairs_{stage}.safetensors"
+                if num_given:
+                    shapes = ProceduralCompletion(num_shapes, model.num_points, num_given, seed=seed, random_view=True,
+                                                  normalize=normalize_data, mean=mean, std=std)
+                    pairs = str(make_completion_pairs(teacher, dest, shapes, count, steps, seed=seed + len(paths),
+                                                      batch_size=batch_size, device=env.device))
+                else:
+                    pairs = str(make_pairs(teacher, dest, count, model.num_points, steps, seed=seed + len(paths),
+                                           batch_size=batch_size, device=env.device))
             paths[f"pairs_{stage}"] = Path(pairs)
         prefix = "psf_completion" if num_given else "psf"
         cfg = PSFConfig(stage=stage, arch=f"{prefix}_{stage}", model=model, data=data, num_shapes=num_shapes,
