@@ -14,7 +14,7 @@ from zoo.errors import ConfigError, DataError
 from zoo.metrics import chamfer_distance
 from zoo.models.psf.flow import OneStepGenerator, flow_loss, sample_euler, sample_rk45
 from zoo.train.engine import TrainConfig, setup_distributed
-from zoo.train.psf import PSFConfig, PSFTask, load_velocity, run_pipeline
+from zoo.train.psf import PSFConfig, PSFTask, join_pairs, load_velocity, run_pipeline
 
 
 class LinearTimeField(nn.Module):
@@ -104,22 +104,41 @@ def test_distilling_from_the_flow_teacher(tmp_path):
                         num_pairs=8, reflow_steps=3, distill_steps=3, batch_size=4, distill_teacher="flow")
     assert same["pairs_distill"] == same["pairs_reflow"]
     assert not (tmp_path / "same" / "pairs_distill.safetensors").exists()
-    # another count: fresh pairs, sampled by the flow model, not by the reflow model
+    # more pairs: the reflow pairs first, then fresh ones sampled by the flow model, not by the reflow model
     other = run_pipeline(tmp_path / "other", cfg, {"flow": tc(1), "reflow": tc(1), "distill": tc(1)}, num_shapes=8,
-                         num_pairs=8, reflow_steps=3, distill_steps=3, batch_size=4, distill_pairs=4,
+                         num_pairs=8, reflow_steps=3, distill_steps=3, batch_size=4, distill_pairs=12,
                          distill_teacher="flow")
-    d = load_file(str(other["pairs_distill"]))
+    d, first = load_file(str(other["pairs_distill"])), load_file(str(other["pairs_reflow"]))
+    assert d["x0"].shape[0] == 12 and not (tmp_path / "other" / "pairs_distill_fresh.safetensors").exists()
+    torch.testing.assert_close(d["x0"][:8], first["x0"], rtol=0, atol=0)
+    torch.testing.assert_close(d["x1"][:8], first["x1"], rtol=0, atol=0)
+    assert (d["x0"][8:, None] - first["x0"][None]).abs().amax((2, 3)).min() > 0.1  # new noise
     with torch.no_grad():
-        flow_x1 = sample_euler(load_velocity(other["flow"], cfg).eval(), d["x0"], 3)
-        reflow_x1 = sample_euler(load_velocity(other["reflow"], cfg).eval(), d["x0"], 3)
-    torch.testing.assert_close(d["x1"], flow_x1, atol=1e-5, rtol=1e-4)
-    assert (d["x1"] - reflow_x1).abs().max() > 1e-3
+        flow_x1 = sample_euler(load_velocity(other["flow"], cfg).eval(), d["x0"][8:], 3)
+        reflow_x1 = sample_euler(load_velocity(other["reflow"], cfg).eval(), d["x0"][8:], 3)
+    torch.testing.assert_close(d["x1"][8:], flow_x1, atol=1e-5, rtol=1e-4)
+    assert (d["x1"][8:] - reflow_x1).abs().max() > 1e-3
+    # fewer: the first of the reflow pairs
+    few = run_pipeline(tmp_path / "few", cfg, {"flow": tc(1), "reflow": tc(1), "distill": tc(1)}, num_shapes=8,
+                       num_pairs=8, reflow_steps=3, distill_steps=3, batch_size=4, distill_pairs=4,
+                       distill_teacher="flow")
+    d, first = load_file(str(few["pairs_distill"])), load_file(str(few["pairs_reflow"]))
+    assert d["x0"].shape[0] == 4
+    torch.testing.assert_close(d["x1"], first["x1"][:4], rtol=0, atol=0)
     with pytest.raises(ConfigError, match="distill_teacher"):
         run_pipeline(tmp_path / "bad", cfg, {}, distill_teacher="student")
 
 
 def test_stage_configuration_errors(tmp_path):
+    from safetensors.torch import save_file
+
     env = setup_distributed("cpu")
+    save_file({"x0": torch.zeros(2, 4, 3), "x1": torch.zeros(2, 4, 3)}, str(tmp_path / "gen.safetensors"))
+    save_file({"x0": torch.zeros(2, 4, 3), "x1": torch.zeros(2, 4, 3), "given": torch.zeros(2, 2, 3)},
+              str(tmp_path / "cond.safetensors"))
+    with pytest.raises(DataError, match="one kind"):
+        join_pairs([tmp_path / "gen.safetensors", tmp_path / "cond.safetensors"], tmp_path / "joined.safetensors")
+    assert not (tmp_path / "joined.safetensors").exists()
     with pytest.raises(ConfigError, match="stage"):
         PSFTask(PSFConfig(stage="finetune", model=tiny_config()), env)
     with pytest.raises(ConfigError, match="pairs"):

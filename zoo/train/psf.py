@@ -7,8 +7,9 @@
 3. ``distill``: pairs from the stage-2 model's multi-step sampler; a model initialised from
    stage 2 learns the one-step map ``x0 + v(x0, 0)`` under Chamfer distance (or EMD).
    With ``distill_teacher="flow"`` the targets are the stage-1 model's samples instead
-   (the reflow pairs themselves when their count and steps match): the straightened model
-   is then only the student's starting point, and the targets keep the flow's quality.
+   (the reflow pairs themselves when their steps match, with fresh ones only beyond their
+   count): the straightened model is then only the student's starting point, and the
+   targets keep the flow's quality.
 
 With ``num_given > 0`` the same stages train the completion model
 (`zoo.models.psf.completion`): the data are partial/complete pairs
@@ -40,7 +41,7 @@ from zoo.train.engine import Dist, Engine, TrainConfig, epoch_loader, setup_dist
 from zoo.data.pointclouds import ProceduralCompletion, ProceduralShapes, ShapeNetPC15k
 
 __all__ = ["distill_loss", "PSFConfig", "PSFTask", "PairsDataset", "make_pairs", "make_completion_pairs",
-           "run_pipeline", "load_velocity"]
+           "join_pairs", "run_pipeline", "load_velocity"]
 
 STAGES = ("flow", "reflow", "distill")
 
@@ -144,6 +145,20 @@ def make_completion_pairs(model: nn.Module, path: str | Path, dataset: Procedura
     with atomic_write(path, "wb") as f:
         f.write(save({"x0": x0.contiguous(), "x1": x1.contiguous(), "given": given.contiguous()}))
     return path
+
+
+def join_pairs(sources: list[Path], dest: str | Path, limit: int | None = None) -> Path:
+    """Write the pairs of ``sources`` one after another (the first ``limit`` only) to ``dest``, atomically."""
+    from safetensors.torch import load_file, save
+
+    parts = [load_file(str(p)) for p in sources]
+    if len({frozenset(p) for p in parts}) != 1:
+        raise DataError(f"{[str(p) for p in sources]} are not all pairs of one kind (generator or completion).")
+    joined = {k: torch.cat([p[k] for p in parts])[:limit].contiguous() for k in parts[0]}
+    dest = Path(dest)
+    with atomic_write(dest, "wb") as f:
+        f.write(save(joined))
+    return dest
 
 
 def load_velocity(path: str | Path, config: PVCNN2Config, prefer_ema: bool = True) -> PVCNN2:
@@ -295,19 +310,27 @@ def run_pipeline(out: str | Path, model: PVCNN2Config, train: dict[str, TrainCon
             steps = reflow_steps if stage == "reflow" else distill_steps
             count = num_pairs if stage == "reflow" or distill_pairs is None else distill_pairs
             from_flow = stage == "distill" and distill_teacher == "flow"
-            # the reflow pairs already are the flow's samples of seeded noise: train on them again
-            reuse = from_flow and (count, steps) == (num_pairs, reflow_steps)
-            if not reuse:
+            # the reflow pairs already are the flow's samples of seeded noise: train on them again,
+            # and sample only the pairs beyond their count
+            reused = min(count, num_pairs) if from_flow and steps == reflow_steps else 0
+            dest = out / f"pairs_{stage}.safetensors"
+            if reused < count:
                 teacher = load_velocity(paths["flow"] if from_flow else init, model)
-                dest = out / f"pairs_{stage}.safetensors"
+                fresh = dest.with_name(f"pairs_{stage}_fresh.safetensors") if reused else dest
                 if num_given:
                     shapes = ProceduralCompletion(num_shapes, model.num_points, num_given, seed=seed, random_view=True,
                                                   normalize=normalize_data, mean=mean, std=std)
-                    pairs = str(make_completion_pairs(teacher, dest, shapes, count, steps, seed=seed + len(paths),
-                                                      batch_size=batch_size, device=env.device))
+                    make_completion_pairs(teacher, fresh, shapes, count - reused, steps, seed=seed + len(paths),
+                                          batch_size=batch_size, device=env.device)
                 else:
-                    pairs = str(make_pairs(teacher, dest, count, model.num_points, steps, seed=seed + len(paths),
-                                           batch_size=batch_size, device=env.device))
+                    make_pairs(teacher, fresh, count - reused, model.num_points, steps, seed=seed + len(paths),
+                               batch_size=batch_size, device=env.device)
+                if reused:
+                    join_pairs([Path(pairs), fresh], dest)
+                    fresh.unlink()
+                pairs = str(dest)
+            elif reused < num_pairs:
+                pairs = str(join_pairs([Path(pairs)], dest, reused))
             paths[f"pairs_{stage}"] = Path(pairs)
         prefix = "psf_completion" if num_given else "psf"
         cfg = PSFConfig(stage=stage, arch=f"{prefix}_{stage}", model=model, data=data, num_shapes=num_shapes,
