@@ -95,7 +95,7 @@ TINY_CONFIG = {"blocks": "tiny", "num_points": 512, "embed_dim": 32, "width_mult
                "voxel_resolution_multiplier": 0.5}
 # the shipped file's digest, checked before every load (benchmarks/train_psf_tiny.py --install
 # prints the new one to put here)
-TINY_SHA256 = "e188b872e33a10dbd46e4c9ad90778ff5f2202eb2de841f83d49dd115702ddfe"
+TINY_SHA256 = "17d01697305f3bbab2cf5b6c7e8e40f3d72d841bc2ae88cbf4308abf45415923"
 register_model(ModelCard(
     name="psf_tiny", family="psf", task="point-cloud-generation", paper=PAPER, builder=build_psf,
     config=TINY_CONFIG, input=InputSpec("point-noise", (512, 3)), layouts=LAYOUTS,
