@@ -38,7 +38,10 @@ into the conv before them, the attention scale folded into the query conv, bias 
 expanded once and passed through the first talking-head conv (``th1(a + b) = th1(a) + W b``),
 the stride-2 attention's bilinear upsampling done as two small matrix products, the final
 BatchNorm (after a residual sum, nothing to fold into) turned into a per-channel affine, and
-the two classifiers merged. Neither the official code nor timm has one.
+the two classifiers merged. Neither the official code nor timm has one. In eager float32 CPU
+inference the deployed attentions run on token rows (``Attention2d._forward_rows``) with the
+block's residual sum fused into the output projection; traced, exported or with hooks inside
+they run the module path above.
 """
 
 import math
@@ -70,6 +73,39 @@ def _conv_norm(in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1,
 def _fused_conv(m: nn.Module) -> nn.Conv2d:
     """The conv of a fused `ConvNorm` (a Conv2d, or ``Sequential(conv, act)``)."""
     return m[0] if isinstance(m, nn.Sequential) else m
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` -> token rows ``[B*H*W, C]`` (a view of a channels-last map)."""
+    b, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).reshape(b * h * w, c)
+
+
+def _map(rows: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    """Token rows ``[B*H*W, C]`` -> the ``[B, C, H, W]`` map with channels-last strides (a view)."""
+    return rows.view(b, h, w, rows.shape[-1]).permute(0, 3, 1, 2)
+
+
+def _rows_path_applies(module: nn.Module, x: torch.Tensor, add: torch.Tensor, side_in: int, side_out: int,
+                       convs: Sequence[nn.Module]) -> bool:
+    """The deployed attention's token-row path may serve ``module(x) + add``: `x` and `add` are
+    the grids it was built for (``side_in``, ``side_out``), eager float32 CPU inference, every
+    projection a `DeployConv2d` its channels-last kernels serve, and no hook anywhere inside
+    `module` (the path calls no child module but its convs)."""
+    if module.training or not module.deployed or x.dim() != 4 or add.dim() != 4:
+        return False
+    if x.shape[2:] != (side_in, side_in) or add.shape != (x.shape[0], convs[-1].out_channels, side_out, side_out):
+        return False
+    if not all(isinstance(c, DeployConv2d) for c in convs) or not eager_cpu_inference(x, convs[0].weight):
+        return False
+    return all(c._nhwc_applies(x) for c in convs) and not hooked(*module.modules())
+
+
+def _heads_residual(out: torch.Tensor, o: torch.Tensor, heads: int) -> torch.Tensor:
+    """``out [B*N, heads*d] += o [B, heads, N, d]`` rearranged to rows, in place; returns `out`."""
+    b, _, n, d = o.shape
+    out.view(b, n, heads, d).add_(o.permute(0, 2, 1, 3))
+    return out
 
 
 class Attention2d(nn.Module):
@@ -136,6 +172,49 @@ class Attention2d(nn.Module):
         # th1(s * qk + bias) with s in q and th1's weight applied to the bias once at fuse.
         return self.talking_head1(q @ k) + self.attention_bias_dense
 
+    @torch.jit.unused
+    def forward_add(self, x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+        """``self(x) + add`` (`add` the output's shape). In eager CPU inference of the deploy form
+        the attention runs on token rows (`_forward_rows`), with the sum fused into the output
+        projection's product."""
+        side = self.resolution * (1 if self.upsample is None else int(self.upsample.scale_factor))  # in and out
+        if _rows_path_applies(self, x, add, side, side, (self.q, self.k, self.v, self.proj)):
+            return self._forward_rows(x, add)
+        return add_(self(x), add)
+
+    def _forward_rows(self, x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+        """The deploy form on token rows ``[B*N, C]``: the projections are row products, the
+        heads strided views of them (no layout copies), the first talking head and the dense
+        bias one ``addmm``, the local value conv's fresh output the buffer the heads are summed
+        into, the bilinear upsampling PyTorch's channels-last kernel on those rows, GELU in
+        place. Returns ``[B, dim, R_out, R_out]`` with channels-last strides."""
+        b = x.shape[0]
+        h, n, r = self.num_heads, self.N, self.resolution
+        xs = x if self.stride_conv is None else self.stride_conv(x)
+        t = _rows(xs)
+        q = self.q.forward_rows(t).view(b, n, h, -1).permute(0, 2, 1, 3)  # [B, h, N, kd]
+        k = self.k.forward_rows(t).view(b, n, h, -1).permute(0, 2, 3, 1)  # [B, h, kd, N]
+        v = self.v.forward_rows(t)  # [B*N, h*d]
+        out = _rows(self.v_local(_map(v, b, r, r)))  # a fresh [B*N, h*d]: the heads are added into it
+        w1 = self.talking_head1.weight.view(h, h)
+        bias = self.attention_bias_dense.view(h, n * n)
+        scores = torch.matmul(q, k).view(b, h, n * n)
+        if b == 1:
+            attn = torch.addmm(bias, w1, scores[0]).view(1, h, n, n)
+        else:
+            attn = torch.matmul(w1, scores).add_(bias).view(b, h, n, n)
+        attn = attn.softmax(dim=-1).view(b, h, n * n)
+        w2, b2 = self.talking_head2.weight.view(h, h), self.talking_head2.bias.view(h, 1)
+        attn = (torch.addmm(b2, w2, attn[0]) if b == 1 else torch.matmul(w2, attn).add_(b2)).view(b, h, n, n)
+        out = _heads_residual(out, torch.matmul(attn, v.view(b, n, h, -1).permute(0, 2, 1, 3)), h)
+        ro = r
+        if self.upsample is not None:  # PyTorch's channels-last bilinear kernel, on the rows' own memory
+            ro = r * self.upsample.scale_factor
+            out = _rows(F.interpolate(_map(out, b, r, r), scale_factor=self.upsample.scale_factor, mode="bilinear",
+                                      align_corners=False))
+        out = torch._C._nn.gelu_(out, approximate=self.act.approximate) if isinstance(self.act, nn.GELU) else self.act(out)
+        return _map(self.proj.forward_rows(out, add=_rows(add)), b, ro, ro)
+
     @torch.no_grad()
     def fuse(self) -> "Attention2d":
         """Deploy form; children (Conv-BN pairs) must already be fused (see `fuse_modules`)."""
@@ -170,6 +249,7 @@ class MatmulUpsample(nn.Module):
         u = F.interpolate(eye, scale_factor=scale_factor, mode="linear", align_corners=False)[0].T
         self.register_buffer("u", u.contiguous())  # [R * s, R]
         self.register_buffer("ut", u.T.contiguous())
+        self.scale_factor = scale_factor
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.matmul(torch.matmul(self.u, x), self.ut)
@@ -234,6 +314,36 @@ class Attention2dDownsample(nn.Module):
     def _deploy_scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         return q @ k + self.attention_bias_dense
 
+    @torch.jit.unused
+    def forward_add(self, x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+        """``self(x) + add`` (`add` the output's shape); in eager CPU inference of the deploy form
+        on token rows, as `Attention2d.forward_add`."""
+        if _rows_path_applies(self, x, add, self.resolution, self.resolution2, (self.k, self.v, self.q.proj, self.proj)):
+            return self._forward_rows(x, add)
+        return add_(self(x), add)
+
+    def _forward_rows(self, x: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+        """The deploy form on token rows (see `Attention2d._forward_rows`); the queries' local
+        conv output takes the stride-2 subsampling in place, the scores and the dense bias are
+        one ``baddbmm`` at batch 1. Returns ``[B, out_dim, R', R']``, channels-last strides."""
+        b = x.shape[0]
+        h, n, n2, r2 = self.num_heads, self.N, self.N2, self.resolution2
+        local = self.q.local(x)
+        local = local.add_(x[:, :, ::2, ::2]) if local.shape == x[:, :, ::2, ::2].shape else local + self.q.pool(x)
+        q = self.q.proj.forward_rows(_rows(local)).view(b, n2, h, -1).permute(0, 2, 1, 3)  # [B, h, N2, kd]
+        t = _rows(x)
+        k = self.k.forward_rows(t).view(b, n, h, -1).permute(0, 2, 3, 1)  # [B, h, kd, N]
+        v = self.v.forward_rows(t)  # [B*N, h*d]
+        out = _rows(self.v_local(_map(v, b, self.resolution, self.resolution)))  # fresh [B*N2, h*d]
+        if b == 1:
+            attn = torch.baddbmm(self.attention_bias_dense, q[0], k[0]).unsqueeze(0)
+        else:
+            attn = torch.matmul(q, k).add_(self.attention_bias_dense)
+        attn = attn.softmax(dim=-1)
+        out = _heads_residual(out, torch.matmul(attn, v.view(b, n, h, -1).permute(0, 2, 1, 3)), h)
+        out = torch._C._nn.gelu_(out, approximate=self.act.approximate) if isinstance(self.act, nn.GELU) else self.act(out)
+        return _map(self.proj.forward_rows(out, add=_rows(add)), b, r2, r2)
+
     @torch.no_grad()
     def fuse(self) -> "Attention2dDownsample":
         if self.deployed:
@@ -255,7 +365,9 @@ class Downsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv(x)
-        return out if self.attn is None else self.attn(x) + out
+        if self.attn is None:
+            return out
+        return self.attn.forward_add(x, out) if self.attn.deployed else self.attn(x) + out
 
 
 class ConvMlpWithNorm(nn.Module):
@@ -319,10 +431,21 @@ class EfficientFormerV2Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.token_mixer is not None:
-            x = add_(self.drop_path1(self.ls1(self.token_mixer(x))), x)
+            if self.deployed and not self.training:
+                x = self._mixer_residual(x)
+            else:
+                x = add_(self.drop_path1(self.ls1(self.token_mixer(x))), x)
         if self.deployed and not self.training:  # ls2 folded into fc2, drop path off in eval
             return self.mlp.forward_residual(x)
         return add_(self.drop_path2(self.ls2(self.mlp(x))), x)
+
+    @torch.jit.unused  # the deploy form is eager and exported, never scripted
+    def _mixer_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``x + token_mixer(x)`` of the deploy form (ls1 folded into the projection, drop path
+        off in eval), through the attention's token-row path where it applies."""
+        if hooked(self.ls1, self.drop_path1):
+            return add_(self.drop_path1(self.ls1(self.token_mixer(x))), x)
+        return self.token_mixer.forward_add(x, x)
 
     @torch.no_grad()
     def fuse(self) -> "EfficientFormerV2Block":

@@ -271,3 +271,52 @@ def test_v2_ffn_deploy_path_fuses_its_gelus_and_residual_sum():
             with Ops() as ops:
                 assert rel_err(block(x), y) < 1e-5
         assert any(n.startswith("gelu") for n in ops.names)
+
+
+def test_v2_attention_deploy_path_runs_on_token_rows():
+    """In eager CPU inference the deployed V2 attentions (stride-2 with upsampling, full
+    resolution, downsampling) run on token rows: the output is the training form's, the
+    residual sum is fused into the output projection (no separate add of two maps), no
+    bilinear upsampling of an NCHW map through two products is left, and a hook inside the
+    attention turns the path off for that module (the hook then fires)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = randomize_(zoo.create_model("efficientformerv2_s0", num_classes=10), scale=0.1).eval()
+    onednn = zoo.models.cpu_kernels.onednn_enabled()
+    g = torch.Generator().manual_seed(0)
+    cases = {  # name: (module, its input)
+        "stride-2 attention": (lambda m: m.stages[2].blocks[4], torch.randn(2, 96, 14, 14, generator=g)),
+        "attention": (lambda m: m.stages[3].blocks[3], torch.randn(2, 176, 7, 7, generator=g)),
+        "downsampling attention": (lambda m: m.stages[3].downsample, torch.randn(2, 96, 14, 14, generator=g)),
+    }
+    with torch.no_grad():
+        expected = {k: get(model)(x) for k, (get, x) in cases.items()}
+        deployed = zoo.export.reparameterize(model)
+    for name, (get, x) in cases.items():
+        module = get(deployed)
+        for batch in (x[:1], x):
+            xs = batch.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), Ops() as ops:
+                got = module(xs)
+            assert rel_err(got, expected[name][: len(batch)]) < 1e-5, name
+            if onednn:
+                assert ("upsample_bilinear2d.vec" in ops.names) == name.startswith("stride-2"), name
+                assert "_linear_pointwise.binary" in ops.names, name  # the residual sum, fused
+                assert "add.Tensor" not in ops.names, name
+    if onednn:
+        attn = deployed.stages[2].blocks[4].token_mixer
+        calls = []
+        attn.act.register_forward_hook(lambda *a: calls.append(1))
+        x = cases["stride-2 attention"][1]
+        with torch.inference_mode(), Ops() as ops:
+            assert rel_err(deployed.stages[2].blocks[4](x), expected["stride-2 attention"]) < 1e-5
+        assert calls and "upsample_bilinear2d.vec" not in ops.names  # the module path: two products instead
