@@ -108,6 +108,15 @@ def _heads_residual(out: torch.Tensor, o: torch.Tensor, heads: int) -> torch.Ten
     return out
 
 
+def _project_rows(module: nn.Module, out: torch.Tensor, add: torch.Tensor, b: int, side: int) -> torch.Tensor:
+    """``module.proj(module.act(out)) + add`` for the attention rows ``out [B*side^2, h*d]`` (a
+    fresh buffer the GELU overwrites), the sum fused into the projection; the ``[B, C, side,
+    side]`` map with channels-last strides."""
+    act = module.act
+    out = torch._C._nn.gelu_(out, approximate=act.approximate) if isinstance(act, nn.GELU) else act(out)
+    return _map(module.proj.forward_rows(out, add=_rows(add)), b, side, side)
+
+
 class Attention2d(nn.Module):
     """Multi-head attention with talking heads and a local value conv, on ``[B, dim, H, W]``.
 
@@ -212,8 +221,7 @@ class Attention2d(nn.Module):
             ro = r * self.upsample.scale_factor
             out = _rows(F.interpolate(_map(out, b, r, r), scale_factor=self.upsample.scale_factor, mode="bilinear",
                                       align_corners=False))
-        out = torch._C._nn.gelu_(out, approximate=self.act.approximate) if isinstance(self.act, nn.GELU) else self.act(out)
-        return _map(self.proj.forward_rows(out, add=_rows(add)), b, ro, ro)
+        return _project_rows(self, out, add, b, ro)
 
     @torch.no_grad()
     def fuse(self) -> "Attention2d":
@@ -328,8 +336,7 @@ class Attention2dDownsample(nn.Module):
         one ``baddbmm`` at batch 1. Returns ``[B, out_dim, R', R']``, channels-last strides."""
         b = x.shape[0]
         h, n, n2, r2 = self.num_heads, self.N, self.N2, self.resolution2
-        local = self.q.local(x)
-        local = local.add_(x[:, :, ::2, ::2]) if local.shape == x[:, :, ::2, ::2].shape else local + self.q.pool(x)
+        local = self.q.local(x).add_(x[:, :, ::2, ::2])  # q.pool (AvgPool2d(1, 2)) is this subsampling
         q = self.q.proj.forward_rows(_rows(local)).view(b, n2, h, -1).permute(0, 2, 1, 3)  # [B, h, N2, kd]
         t = _rows(x)
         k = self.k.forward_rows(t).view(b, n, h, -1).permute(0, 2, 3, 1)  # [B, h, kd, N]
@@ -341,8 +348,7 @@ class Attention2dDownsample(nn.Module):
             attn = torch.matmul(q, k).add_(self.attention_bias_dense)
         attn = attn.softmax(dim=-1)
         out = _heads_residual(out, torch.matmul(attn, v.view(b, n, h, -1).permute(0, 2, 1, 3)), h)
-        out = torch._C._nn.gelu_(out, approximate=self.act.approximate) if isinstance(self.act, nn.GELU) else self.act(out)
-        return _map(self.proj.forward_rows(out, add=_rows(add)), b, r2, r2)
+        return _project_rows(self, out, add, b, r2)
 
     @torch.no_grad()
     def fuse(self) -> "Attention2dDownsample":
@@ -367,6 +373,7 @@ class Downsample(nn.Module):
         out = self.conv(x)
         if self.attn is None:
             return out
+        # forward_add is eager-only (jit.unused): the scripted training form takes the plain sum
         return self.attn.forward_add(x, out) if self.attn.deployed else self.attn(x) + out
 
 

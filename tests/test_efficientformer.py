@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import zoo
 from zoo.models.layers import bias_index
 from tests.helpers import load_in_both_layouts, official_downsample_index, to_official
+from torch.utils._python_dispatch import TorchDispatchMode
 from zoo.testing import randomize_, rel_err
 
 V1 = ["efficientformer_l1", "efficientformer_l3", "efficientformer_l7"]
@@ -239,20 +240,21 @@ def test_meta4d_export_form_equals_the_eager_deploy_form_and_stays_in_nchwc(tmp_
     assert not reorders or reorders[0] > pools[-1]
 
 
+class Ops(TorchDispatchMode):
+    """Records the name of every aten op dispatched while active (``names``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
 def test_v2_ffn_deploy_path_fuses_its_gelus_and_residual_sum():
     """In eager CPU inference the deployed V2 FFN runs with no separate GELU or sum pass; the
     output is the training form's, and a hook on a GELU turns the fusion off for that FFN."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     model = randomize_(zoo.create_model("efficientformerv2_s0", img_size=64, num_classes=10), scale=0.1)
     onednn = zoo.models.cpu_kernels.onednn_enabled()  # probes oneDNN now, not inside the recording
     x = torch.randn(1, 32, 16, 16).contiguous(memory_format=torch.channels_last)
@@ -279,17 +281,6 @@ def test_v2_attention_deploy_path_runs_on_token_rows():
     residual sum is fused into the output projection (no separate add of two maps), no
     bilinear upsampling of an NCHW map through two products is left, and a hook inside the
     attention turns the path off for that module (the hook then fires)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(func.__name__)
-            return func(*args, **(kwargs or {}))
-
     model = randomize_(zoo.create_model("efficientformerv2_s0", num_classes=10), scale=0.1).eval()
     onednn = zoo.models.cpu_kernels.onednn_enabled()
     g = torch.Generator().manual_seed(0)
