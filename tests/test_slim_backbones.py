@@ -190,6 +190,59 @@ def test_the_search_is_deterministic_greedy_and_stops_at_the_first_architecture_
         greedy_slim(space, table, oracle, target, efficiency="flops")
 
 
+@pytest.mark.parametrize("efficiency", ["ms", "mes"])
+def test_refinement_moves_the_stop_along_the_same_trajectory_to_the_measured_target(efficiency):
+    """A backend 30% slower than the table: the refined search goes on along the table-only
+    search's trajectory to the corrected target; 30% faster: it stops earlier. A correction
+    below what the space reaches ends the rounds with what was measured."""
+    from zoo.slim.refine import refine
+
+    space = SPACES["efficientformerv2"]()
+    table = formula_table(space)
+
+    def oracle(arch):
+        return sum((i + 1) * w * d for i, (w, d) in enumerate(zip(arch.widths, arch.depths))) / 100 + arch.num_vit
+
+    def search(target):
+        return greedy_slim(space, table, oracle, target, efficiency=efficiency)
+
+    steps = [t["predicted_ms"] for t in search(latency_floor(space, table) * 1.01).trajectory]
+    target = (steps[10] + steps[11]) / 2  # between two small steps: no measurement lands within 2% by chance
+    first = search(target)
+    for slow in (1.3, 0.7):
+        def measure(r, slow=slow):
+            return slow * r.predicted_ms
+
+        refined = refine(search, measure, target, first=first, tol=0.02, rounds=4)
+        corrected = search(target / slow)
+        assert refined.rounds[0]["measured_ms"] == pytest.approx(slow * first.predicted_ms)
+        assert refined.rounds[1]["table_target_ms"] == pytest.approx(target / slow)
+        assert refined.result.arch == corrected.arch != first.arch
+        assert refined.measured_ms <= target  # the slowest measured one under the target unless one is within 2%
+        longer, shorter = (corrected, first) if slow > 1 else (first, corrected)
+        assert longer.trajectory[:len(shorter.trajectory)] == shorter.trajectory
+    exact = refine(search, lambda r: r.predicted_ms * target / first.predicted_ms, target, first=first)
+    assert len(exact.rounds) == 1 and exact.result is first
+    hopeless = refine(search, lambda r: 10 * r.predicted_ms, target, first=first)
+    assert "cannot go below" in hopeless.rounds[-1]["next"] and hopeless.measured_ms > target
+    assert hopeless.measured_ms == min(r["measured_ms"] for r in hopeless.rounds)
+    with pytest.raises(ConfigError, match="at least one"):
+        refine(search, lambda r: 1.0, target, rounds=0)
+    with pytest.raises(ConfigError, match="tolerance"):
+        refine(search, lambda r: 1.0, target, tol=1.5)
+
+
+def test_the_baseline_of_the_same_measured_latency_is_picked_by_measurement():
+    from zoo.slim.measure import closest_measured, measure_network
+
+    space = SPACES["efficientformerv2"]()
+    small = V2Arch((8, 8, 8, 8), ((0,), (0,), (0,), (0,)), ((1,), (1,), (1,), (1,)), 0)
+    full = space.full_arch()
+    ms = measure_network(space, full, "torch", reps=5)
+    assert closest_measured(space, [small, full], formula_table(space), ms, reps=5) == full
+    assert closest_measured(space, [small, full], formula_table(space), ms / 100, reps=5) == small
+
+
 def test_the_mes_is_the_papers_product():
     mes = MES(ms_unit=2.0, params_unit=4.0, ms_alpha=0.5, params_alpha=0.25)
     assert mes(2.0, 4.0) == pytest.approx(100.0)
@@ -230,13 +283,21 @@ def test_zoo_latency_table_and_slim_for_the_family(tmp_path, capsys, family, fla
     out = tmp_path / "slim"
     assert main(["slim", "--family", family, "--target-ms", f"{target:.5f}", "--lut", str(lut), "--data-dir",
                  str(data), "--out", str(out), "--supernet-epochs", "1", "--batch-size", "6", "--workers", "0",
-                 "--name", f"{family}_slim_test", "--no-measure", "--efficiency", "mes"]) == 0
+                 "--name", f"{family}_slim_test", "--measure-reps", "3", "--refine-rounds", "2",
+                 "--efficiency", "mes"]) == 0
     cfg = yaml.safe_load((out / f"{family}_slim_test.yaml").read_text())
-    assert cfg["base"] == space.base_model and cfg["latency"]["predicted_ms"] <= float(f"{target:.5f}")
+    refinement = cfg["search"]["refinement"]  # the found network measured, the search corrected at most once
+    picked = [r for r in refinement["rounds"] if r["measured_ms"] == refinement["measured_ms"]]
+    assert 1 <= len(refinement["rounds"]) <= 2 and len(picked) == 1
+    assert cfg["latency"]["measured_ms"] == round(refinement["measured_ms"], 5)
+    assert cfg["latency"]["predicted_ms"] == round(picked[0]["predicted_ms"], 5)
+    assert picked[0]["predicted_ms"] <= picked[0]["table_target_ms"]
+    assert refinement["rounds"][0]["table_target_ms"] == pytest.approx(float(f"{target:.5f}"))
+    assert cfg["base"] == space.base_model
     assert cfg["search"]["efficiency"] == "mes" and cfg["latency"]["table_provenance"]
     traj = json.loads((out / "trajectory.json").read_text())
     arch = type(space.full_arch()).from_json(traj["arch"])
-    assert space.to_config(arch).items() <= {**cfg["config"]}.items()
+    assert space.to_config(arch).items() <= {**cfg["config"]}.items() and traj["arch"] == picked[0]["arch"]
     capsys.readouterr()
     assert main(["info", "--model-config", str(out / f"{family}_slim_test.yaml")]) == 0
     assert "latency_predicted_ms" in json.loads(capsys.readouterr().out)["metrics"]

@@ -128,15 +128,42 @@ def _cmd_slim(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     common = ["--batch-size", str(args.batch_size), "--workers", str(args.workers), "--seed", str(args.seed),
               "--img-size", str(space.img_size)] + (["--lr", str(args.lr)] if args.lr else [])
-    search = _search_supernet if args.family == "efficientformer" else _search_greedy
-    arch, arch_config, state, info, result = search(args, space, table, out, common)
+    setup = _search_supernet if args.family == "efficientformer" else _search_greedy
+    info, search, extract = setup(args, space, table, out, common)
+    result = search(args.target_ms)
+    measured_ms = None
+    if args.measure and args.refine_rounds and table.provenance.get("backend") in ("torch", "onnxruntime", "cuda"):
+        refinement = _refine(args, space, table, search, extract, result)
+        result, measured_ms = refinement.result, refinement.measured_ms
+        info["refinement"] = refinement.to_json()
+    arch, arch_config, state = extract(result)
     name = args.name or f"{args.family}_slim_{args.target_ms:g}ms".replace(".", "p")
-    _finish(args, space, table, out, common, name, arch, arch_config, state, info, result)
+    _finish(args, space, table, out, common, name, arch, arch_config, state, info, result, measured_ms)
     return 0
 
 
+def _refine(args, space, table, search, extract, result):
+    """Measure the found architecture on the table's backend and search again to a corrected
+    target while it misses by more than --refine-tol (`zoo.slim.refine`)."""
+    from zoo.slim.measure import measure_network
+    from zoo.slim.refine import refine
+
+    backend, threads = table.provenance["backend"], int(table.provenance.get("threads") or 1)
+
+    def measure(r) -> float:
+        return measure_network(space, extract(r, weights=False)[0], backend, threads, reps=args.measure_reps)
+
+    def show(row: dict) -> None:
+        print(f"measured on {backend}: {row['measured_ms']:.3f} ms ({row['measured_ms'] / args.target_ms - 1:+.1%} "
+              f"against the target; searched to {row['table_target_ms']:.3f} ms on the table)", file=sys.stderr)
+
+    return refine(search, measure, args.target_ms, first=result, tol=args.refine_tol, rounds=args.refine_rounds,
+                  on_round=show)
+
+
 def _search_supernet(args, space, table, out: Path, common: list[str]):
-    """EfficientFormer: train (or load) the supernet, search on its alphas or measured accuracy."""
+    """EfficientFormer: train (or load) the supernet, search on its alphas or measured accuracy.
+    Returns ``(info, search(target_ms) -> result, extract(result, weights) -> (arch, config, state))``."""
     from zoo.registry import create_model, register_model_config
     from zoo.slim.search import AlphaImportance, slim, start_arch
 
@@ -167,17 +194,23 @@ def _search_supernet(args, space, table, out: Path, common: list[str]):
         importance = AccuracyImportance(supernet.eval(), calib, val, metric=args.importance_metric)
     else:
         importance = AlphaImportance.from_supernet(supernet)
-    result = slim(space, table, importance, start_arch(importance, supernet.embed_dims), args.target_ms,
-                  calibrated=not args.raw)
-    state = supernet.extract(result.arch.widths, result.arch.kept).state_dict()
-    info = {"supernet": str(ckpt), "importance": args.importance}
-    arch = result.arch.former()
-    return arch, arch.to_config(), state, info, result
+    begin = start_arch(importance, supernet.embed_dims)
+
+    def search(target_ms: float):
+        return slim(space, table, importance, begin, target_ms, calibrated=not args.raw)
+
+    def extract(result, weights: bool = True):
+        arch = result.arch.former()
+        state = supernet.extract(result.arch.widths, result.arch.kept).state_dict() if weights else None
+        return arch, arch.to_config(), state
+
+    return {"supernet": str(ckpt), "importance": args.importance}, search, extract
 
 
 def _search_greedy(args, space, table, out: Path, common: list[str]):
     """EfficientViT / EfficientFormerV2: train (or load) the space's full network, then the
-    greedy search priced by the accuracy of inherited networks (`zoo.slim.greedy`)."""
+    greedy search priced by the accuracy of inherited networks (`zoo.slim.greedy`). Returns
+    what `_search_supernet` does."""
     from zoo.slim.accuracy import InheritedAccuracy, recalibrate_batchnorm
     from zoo.slim.greedy import MES, greedy_slim, latency_floor
 
@@ -205,12 +238,18 @@ def _search_greedy(args, space, table, out: Path, common: list[str]):
     except RuntimeError as e:  # load_state_dict: another architecture's checkpoint
         raise DataError(f"{ckpt} is not the full network of this search space ({space.describe()}): {e}") from None
     mes = MES(ms_alpha=args.mes_alphas[0], params_alpha=args.mes_alphas[1])
-    result = greedy_slim(space, table, oracle, args.target_ms, efficiency=args.efficiency, mes=mes,
-                         calibrated=not args.raw)
-    model = recalibrate_batchnorm(oracle.inherit(result.arch), calib)
+
+    def search(target_ms: float):
+        return greedy_slim(space, table, oracle, target_ms, efficiency=args.efficiency, mes=mes,
+                           calibrated=not args.raw)
+
+    def extract(result, weights: bool = True):
+        state = recalibrate_batchnorm(oracle.inherit(result.arch), calib).state_dict() if weights else None
+        return result.arch, space.to_config(result.arch), state
+
     info = {"full_network": str(ckpt), "importance": "accuracy", "metric": args.importance_metric,
             "efficiency": args.efficiency}
-    return result.arch, space.to_config(result.arch), model.state_dict(), info, result
+    return info, search, extract
 
 
 def _full_config(space, out: Path) -> Path:
@@ -236,9 +275,11 @@ def _calib_val(args, space) -> tuple[list, list]:
     return calib, _batches(args.data_dir, "val", space, args.batch_size, None)
 
 
-def _finish(args, space, table, out: Path, common, name, arch, arch_config, state, info, result) -> None:
+def _finish(args, space, table, out: Path, common, name, arch, arch_config, state, info, result,
+            measured_ms: float | None = None) -> None:
     """Write the trajectory, the inherited weights and the model-config; fine-tune; measure
-    `arch` (the space's architecture of the result) on the table's backend."""
+    `arch` (the space's architecture of the result) on the table's backend unless the
+    refinement has (`measured_ms`)."""
     import yaml
 
     from zoo.hub import read_state_dict
@@ -281,8 +322,8 @@ def _finish(args, space, table, out: Path, common, name, arch, arch_config, stat
     if args.measure and table.provenance.get("backend") in ("torch", "onnxruntime", "cuda"):
         from zoo.slim.measure import measure_network
 
-        ms = measure_network(space, arch, table.provenance["backend"], int(table.provenance.get("threads") or 1),
-                             reps=args.measure_reps)
+        ms = measured_ms if measured_ms is not None else measure_network(
+            space, arch, table.provenance["backend"], int(table.provenance.get("threads") or 1), reps=args.measure_reps)
         config["latency"]["measured_ms"] = round(ms, 5)
         print(f"measured on {table.provenance['backend']}: {config['latency']['measured_ms']:.3f} ms "
               f"({config['latency']['measured_ms'] / args.target_ms - 1:+.1%} against the target)")
@@ -406,4 +447,8 @@ def register(sub) -> None:
     s.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True,
                    help="time the slimmed network on the table's backend (when it runs here)")
     s.add_argument("--measure-reps", type=int, default=50)
+    s.add_argument("--refine-rounds", type=int, default=3,
+                   help="measure the found network and search again to a corrected target while it misses by more "
+                        "than --refine-tol, at most this many measurements (0: the table alone, as the paper)")
+    s.add_argument("--refine-tol", type=float, default=0.05, help="the refinement's tolerance, a fraction of the target")
     s.set_defaults(func=_cmd_slim)

@@ -10,13 +10,11 @@ table is the one fitted on all of them. Rank agreement: Spearman's rho (scipy).
 from __future__ import annotations
 
 import random
-import tempfile
-from pathlib import Path
 
 import numpy as np
 
 from zoo.errors import ConfigError, DataError
-from zoo.slim.measure import check_backend, interleaved, network_runner, torch_threads
+from zoo.slim.measure import check_backend, measure_networks
 from zoo.slim.table import LatencyTable
 
 __all__ = ["additivity_report", "fit_line", "format_report"]
@@ -47,11 +45,7 @@ def additivity_report(space, table: LatencyTable, num_archs: int = 8, seed: int 
         rng = random.Random(seed)
         archs = [space.random_arch(rng) for _ in range(num_archs)]
     table.check_covers(k for a in archs for k in space.keys(a))
-    with torch_threads(threads), tempfile.TemporaryDirectory(prefix="zoo-additivity-") as tmp:
-        runners = {f"arch{i}": network_runner(space, arch, backend, threads, Path(tmp), f"arch{i}", seed=i)
-                   for i, arch in enumerate(archs)}
-        times = interleaved(runners, backend, warmup, reps)
-    measured = np.array([float(np.median(times[f"arch{i}"])) for i in range(len(archs))])
+    measured = np.array(measure_networks(space, archs, backend, threads, warmup, reps), dtype=float)
     summed = np.array([table.predict(space.keys(a), calibrated=False) for a in archs])
     a, b = fit_line(summed, measured)
     loo = np.empty_like(measured)

@@ -30,7 +30,7 @@ from zoo.benchmark import call_timer, quantile
 from zoo.errors import ConfigError, require
 from zoo.slim.table import Entry
 
-__all__ = ["BACKENDS", "make_runner", "network_runner", "measure_network", "time_calls", "interleaved", "measure_blocks", "measure_table",
+__all__ = ["BACKENDS", "make_runner", "network_runner", "measure_network", "measure_networks", "closest_measured", "time_calls", "interleaved", "measure_blocks", "measure_table",
            "call_overhead", "backend_provenance", "summarize"]
 
 BACKENDS = ("torch", "onnxruntime", "cuda")
@@ -110,12 +110,35 @@ def network_runner(space, arch, backend: str, threads: int, folder: Path, name: 
     return make_runner(model, (1, 3, space.img_size, space.img_size), backend, threads, folder, name)
 
 
-def measure_network(space, arch, backend: str, threads: int = 1, warmup: int = 10, reps: int = 50) -> float:
-    """Median latency (ms) of `arch`'s whole network on `backend` with `threads` threads."""
+def measure_networks(space, archs, backend: str, threads: int = 1, warmup: int = 5, reps: int = 30) -> list[float]:
+    """Median latency (ms) of each of `archs`' whole networks (deploy form, random weights
+    from seed i for the i-th) on `backend` with `threads` threads, timed in interleaved rounds
+    (`interleaved`): the protocol of the additivity report, so a slimmed network's time and the
+    calibration fitted on the report's networks are measured alike."""
     check_backend(backend, threads)
+    archs = list(archs)
     with torch_threads(threads), tempfile.TemporaryDirectory(prefix="zoo-net-") as tmp:
-        return statistics.median(time_calls(network_runner(space, arch, backend, threads, Path(tmp)), backend,
-                                            warmup, reps))
+        runners = {f"arch{i}": network_runner(space, arch, backend, threads, Path(tmp), f"arch{i}", seed=i)
+                   for i, arch in enumerate(archs)}
+        times = interleaved(runners, backend, warmup, reps)
+    return [statistics.median(times[f"arch{i}"]) for i in range(len(archs))]
+
+
+def measure_network(space, arch, backend: str, threads: int = 1, warmup: int = 5, reps: int = 30) -> float:
+    """Median latency (ms) of `arch`'s whole network on `backend` (`measure_networks`)."""
+    return measure_networks(space, [arch], backend, threads, warmup, reps)[0]
+
+
+def closest_measured(space, candidates, table, ms: float, reps: int = 30, shortlist: int = 4,
+                     backend: str | None = None):
+    """Of `candidates`, the architecture whose measured latency is closest to `ms`: the
+    `shortlist` the table predicts closest are measured together (`measure_networks`) on the
+    table's backend (or `backend`). For baselines "of the same measured latency"."""
+    backend = backend or table.provenance.get("backend", "torch")
+    threads = int(table.provenance.get("threads") or 1)
+    near = sorted(dict.fromkeys(candidates), key=lambda a: abs(table.predict(space.keys(a)) - ms))[:shortlist]
+    times = measure_networks(space, near, backend, threads, reps=reps)
+    return min(zip(near, times), key=lambda at: abs(at[1] - ms))[0]
 
 
 def time_calls(run: Callable[[], None], backend: str, warmup: int, reps: int) -> list[float]:
